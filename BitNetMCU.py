@@ -1,0 +1,508 @@
+"""BitNetMCU: quantization-aware training of tiny MNIST models for multiplier-free microcontrollers.
+
+This is the one shared module. Read it top to bottom:
+  1. quantization types  - one table entry per weight type (QUANT_TYPES)
+  2. clipping scalar     - how each layer's clipping value `s` is chosen (prop / OCTAV)
+  3. layers              - BitLinear and BitConv2d: fake-quantized weights and 8-bit activations (STE)
+  4. models              - FCMNIST and CNNMNIST, each one flat nn.Sequential called `layers`
+  5. config              - the one place where trainingparameters.yaml is read and validated
+"""
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Quantization types
+#
+# Every quantizer maps float weights w and the layer's clipping scalar s to integer (or half-integer)
+# levels u and a float step, so that the fake-quantized weight is u * step. The levels u are what the
+# exporter packs; the step is absorbed by the normalization that follows every layer.
+# ------------------------------------------------------------------------------------------------
+
+# NormalFloat4 (QLoRA, Dettmers et al. 2023), rounded to int8 so the C engine can use the exact
+# same levels as training: the trained model and the integer model agree by construction.
+NF4_LEVELS_FLOAT = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+NF4_LEVELS_INT8 = [round(v * 127) for v in NF4_LEVELS_FLOAT]
+
+
+def _quant_binary(w, s):
+    # s is not used: the sign around the mean is the whole quantizer; mean|w| keeps the scale sensible.
+    u = torch.where(w - w.mean(dim=-1, keepdim=True) >= 0, 1.0, -1.0)
+    return u, w.abs().mean(dim=-1, keepdim=True)
+
+
+def _quant_ternary(w, s):
+    # s is not used: BitNet b1.58's absmean rule sets the zero band.
+    step = w.abs().mean(dim=-1, keepdim=True).clamp_min(1e-8)
+    return (w / step).round().clamp(-1, 1), step
+
+
+def _quant_sym(levels):
+    """Symmetric levels without zero: {±0.5, ±1.5, ...} times s/levels."""
+    def quantize(w, s):
+        return (w * levels / s - 0.5).round().clamp(-levels, levels - 1) + 0.5, s / levels
+    return quantize
+
+
+def _quant_twos_complement(levels):
+    """Two's complement integers -levels .. levels-1 times s/levels."""
+    def quantize(w, s):
+        return (w * levels / s).round().clamp(-levels, levels - 1), s / levels
+    return quantize
+
+
+def _quant_fp130(w, s):
+    # sign x 2^e with e in 0..7: a multiply becomes a shift. Zero maps to +1 (there is no zero code).
+    e = torch.log2((w.abs() * 128 / s).clamp_min(1.0)).floor().clamp(0, 7)
+    return torch.where(w >= 0, 1.0, -1.0) * torch.exp2(e), s / 128
+
+
+_NF4 = torch.tensor(NF4_LEVELS_INT8, dtype=torch.float32)
+
+
+def _quant_nf4(w, s):
+    levels = _NF4.to(w.device)
+    idx = ((w / s).clamp(-1, 1).unsqueeze(-1) * 127 - levels).abs().argmin(dim=-1)
+    return levels[idx], s / 127
+
+
+def _quant_none(w, s):
+    return w, torch.ones_like(s)
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    bits: float                    # storage bits per weight on the MCU
+    quantize: Callable             # (w, s) -> (levels u, step); fake-quantized weight = u * step
+    octav_bits: int                # bit width OCTAV's noise model assumes when choosing s
+    description: str
+
+
+QUANT_TYPES = {q.name: q for q in [
+    QuantType('Binary', 1, _quant_binary, 1, 'sign(w - mean(w)) in {-1, +1}'),
+    QuantType('Ternary', 1.6, _quant_ternary, 2, 'clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
+    QuantType('2bitsym', 2, _quant_sym(2), 2, '{±0.5, ±1.5}, multiplier-free'),
+    QuantType('4bitsym', 4, _quant_sym(8), 4, '{±0.5 ... ±7.5}, multiplier-free'),
+    QuantType('4bit', 4, _quant_twos_complement(8), 4, 'two\'s complement -8 .. 7'),
+    QuantType('8bit', 8, _quant_twos_complement(128), 8, 'two\'s complement -128 .. 127'),
+    QuantType('FP130', 4, _quant_fp130, 4, 'sign x 2^e, e in 0..7, shifts only'),
+    QuantType('NF4', 4, _quant_nf4, 4, 'NormalFloat4 levels (rounded to int8) times s'),
+    QuantType('None', 32, _quant_none, 8, 'float weights, for comparison only (not exportable)'),
+]}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value. Backward: the gradient passes through unchanged (STE)."""
+
+    @staticmethod
+    def forward(ctx, x, quantized):
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize_weight(w, s, qtype: QuantType):
+    if qtype.name == 'None':
+        return w
+    with torch.no_grad():
+        u, step = qtype.quantize(w, s)
+        quantized = u * step
+    return _StraightThrough.apply(w, quantized)
+
+
+def quantize_activations(x):
+    """Per-sample symmetric 8-bit quantization (scale 127 / max|x|), straight-through gradient."""
+    with torch.no_grad():
+        flat = x.flatten(1)
+        scale = 127.0 / flat.abs().amax(dim=1).clamp_min(1e-5)
+        scale = scale.view(-1, *([1] * (x.dim() - 1)))
+        quantized = (x * scale).round().clamp(-128, 127) / scale
+    return _StraightThrough.apply(x, quantized)
+
+
+def code_entropy_bits(u):
+    """Shannon entropy (bits) of the histogram of quantization levels u."""
+    _, counts = torch.unique(u, return_counts=True)
+    p = counts.double() / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Clipping scalar s
+# ------------------------------------------------------------------------------------------------
+
+def octav_clip(absw, bits, iterations=30):
+    """OCTAV optimal clipping (Sakr et al., 2022) of |w| along the last dim.
+
+    Minimizes the expected quantization noise s^2 * 4^-bits / 3 * P(|w| <= s) plus the clipping noise
+    E[(|w| - s)^2; |w| > s], by the paper's fixed-point iteration
+        s <- E[|w|; |w| > s] / (4^-bits / 3 * P(|w| <= s) + P(|w| > s)).
+    """
+    noise = 4.0 ** -bits / 3
+    s = absw.mean(dim=-1, keepdim=True).clamp_min(1e-8)
+    for _ in range(iterations):
+        above = (absw > s).to(absw.dtype)
+        below = 1 - above
+        s = (absw * above).sum(-1, keepdim=True) / (noise * below.sum(-1, keepdim=True)
+                                                    + above.sum(-1, keepdim=True)).clamp_min(1e-8)
+        s = s.clamp_min(1e-8)
+    return s
+
+
+def octav_mse(absw, s, bits):
+    """The objective octav_clip minimizes (per row of |w|), for tests and plots."""
+    noise = 4.0 ** -bits / 3
+    clipped = (absw - s).clamp_min(0) ** 2
+    return (noise * s ** 2 * (absw <= s) + clipped).mean(-1, keepdim=True)
+
+
+def clipping_scalar(w, qtype: QuantType, algo, quantscale, per_output):
+    """The clipping scalar s: one per tensor, or one per output row with per_output."""
+    absw = w.detach().abs().flatten(1) if per_output else w.detach().abs().reshape(1, -1)
+    if algo == 'prop':
+        s = absw.mean(dim=1, keepdim=True) / quantscale
+    else:
+        s = octav_clip(absw, qtype.octav_bits)
+    s = s.clamp_min(1e-8)
+    return s.view(-1, *([1] * (w.dim() - 1))) if per_output else s.view(1, *([1] * (w.dim() - 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Layers
+# ------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) per sample: scale-only, so the MCU can replace it by a shift (no learned gain)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+
+
+def make_norm(norm_type, features):
+    if norm_type == 'RMS':
+        return RMSNorm()
+    if norm_type == 'Lin':
+        return nn.Identity()    # no normalization: the per-sample activation quantizer sets the scale
+    if norm_type == 'BatchNorm':
+        return nn.BatchNorm1d(features, affine=False)
+    if norm_type == 'LayerNorm':
+        return nn.LayerNorm(features, elementwise_affine=False)
+    raise ValueError(f"NormType {norm_type!r} is not one of {NORM_TYPES}")
+
+
+NORM_TYPES = ['RMS', 'Lin', 'BatchNorm', 'LayerNorm']
+
+
+class QuantMixin:
+    """Shared by BitLinear and BitConv2d: the quantization type and the clipping scalar buffer `s`."""
+
+    def init_quant(self, quant_type, wscale, maxw_algo, quantscale):
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"QuantType {quant_type!r} is not one of {list(QUANT_TYPES)}")
+        self.qtype = QUANT_TYPES[quant_type]
+        self.per_output = wscale == 'PerOutput'
+        self.maxw_algo = maxw_algo
+        self.quantscale = quantscale
+        self.register_buffer('s', torch.ones(self.weight.shape[0] if self.per_output else 1))
+        self.update_clipping()
+
+    def _s_view(self):
+        return self.s.view(-1, *([1] * (self.weight.dim() - 1)))
+
+    @torch.no_grad()
+    def update_clipping(self):
+        s = clipping_scalar(self.weight, self.qtype, self.maxw_algo, self.quantscale, self.per_output)
+        self.s.copy_(s.flatten())
+
+    def quantized_weight(self):
+        return fake_quantize_weight(self.weight, self._s_view(), self.qtype)
+
+    @torch.no_grad()
+    def weight_levels(self):
+        """The levels u the exporter packs (integers, or half-integers for the *sym types)."""
+        return self.qtype.quantize(self.weight, self._s_view())[0]
+
+
+class BitLinear(nn.Linear, QuantMixin):
+    """Norm -> 8-bit activations -> linear layer with fake-quantized weights. No bias."""
+
+    def __init__(self, in_features, out_features, QuantType='4bitsym', NormType='RMS',
+                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25):
+        super().__init__(in_features, out_features, bias=False)
+        self.norm = make_norm(NormType, in_features)
+        self.init_quant(QuantType, WScale, maxw_algo, quantscale)
+
+    def forward(self, x):
+        x = quantize_activations(self.norm(x))
+        return F.linear(x, self.quantized_weight())
+
+
+class BitConv2d(nn.Conv2d, QuantMixin):
+    """3x3 convolution with fake-quantized weights, no padding, no bias.
+
+    The MCU keeps 32-bit activations through the convolutions, so only the first layer's input
+    (the int8 image) is quantized; the layers after it see full-precision activations.
+    """
+
+    def __init__(self, in_channels, out_channels, groups=1, QuantType='8bit', WScale='PerTensor',
+                 maxw_algo='octav', quantscale=0.25):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=0, groups=groups, bias=False)
+        self.init_quant(QuantType, WScale, maxw_algo, quantscale)
+
+    def forward(self, x):
+        return F.conv2d(x, self.quantized_weight(), groups=self.groups)
+
+
+class InputQuant(nn.Module):
+    """The image as the MCU sees it: per-image int8 (127 / max|x|)."""
+
+    def forward(self, x):
+        return quantize_activations(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Models. Each is one flat nn.Sequential `layers`, so export can walk it in order.
+# ------------------------------------------------------------------------------------------------
+
+def _linear_stack(widths, cfg, first_qtype):
+    """BitLinear layers through `widths`, ReLU between them, none after the classifier."""
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(BitLinear(n_in, n_out, QuantType=first_qtype if i == 0 else cfg['QuantType'],
+                                NormType=cfg['NormType'], WScale=cfg['WScale'],
+                                maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale']))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return layers
+
+
+def hidden_widths(cfg):
+    widths = [cfg['network_width1'], cfg['network_width2']]
+    return widths + ([cfg['network_width3']] if cfg['network_width3'] > 0 else [])
+
+
+class FCMNIST(nn.Module):
+    """256 -> width1 -> width2 -> [width3] -> classes, ReLU between, fully connected."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        widths = [256] + hidden_widths(cfg) + [num_classes]
+        self.layers = nn.Sequential(*_linear_stack(widths, cfg, cfg['fc1_QuantType'] or cfg['QuantType']))
+
+    def forward(self, x):
+        return self.layers(x.flatten(1))
+
+
+class CNNMNIST(nn.Module):
+    """Sequential depthwise CNN: 16x16 -> conv 14x14 -> dw 12x12 -> pool 6x6 -> dw 4x4 -> pool 2x2 -> FC."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        c = cfg['cnn_width']
+        conv = dict(QuantType=cfg['conv_QuantType'], WScale=cfg['WScale'],
+                    maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale'])
+        widths = [c * 2 * 2] + hidden_widths(cfg) + [num_classes]
+        self.layers = nn.Sequential(
+            InputQuant(),
+            BitConv2d(1, c, **conv), nn.ReLU(),
+            BitConv2d(c, c, groups=c, **conv), nn.ReLU(), nn.MaxPool2d(2),
+            BitConv2d(c, c, groups=c, **conv), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            *_linear_stack(widths, cfg, cfg['fc1_QuantType'] or '2bitsym'))
+
+    def forward(self, x):
+        return self.layers(x.view(-1, 1, 16, 16))
+
+
+MODELS = {'FCMNIST': FCMNIST, 'CNNMNIST': CNNMNIST}
+
+
+def build_model(cfg, num_classes):
+    return MODELS[cfg['model']](cfg, num_classes)
+
+
+def quant_layers(model):
+    """The quantized layers of a model, in order, with readable names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantMixin)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Config: the one loader and validator all scripts share.
+# ------------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message says which and what is valid."""
+
+
+def _choice(*options):
+    return lambda v: None if v in options else f"must be one of {list(options)}"
+
+
+def _at_least(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _between(lo, hi):
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _optional_choice(*options):
+    return lambda v: None if v is None or v in options else f"must be null or one of {list(options)}"
+
+
+_NUM = (int, float)
+# key: (types, default, check, help). Keys keep the original BitNetMCU names.
+CONFIG_SCHEMA = {
+    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected) or CNNMNIST (depthwise CNN)'),
+    'dataset': (str, 'MNIST', None, 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
+    'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
+    'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
+                      'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
+    'conv_QuantType': (str, '8bit', _choice(*QUANT_TYPES), 'CNNMNIST convolution weight quantization'),
+    'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
+    'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
+    'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
+    'maxw_update_until_epoch': (int, 60, _at_least(0), 's is re-estimated before each epoch below this'),
+    'maxw_quantscale': (_NUM, 0.25, lambda v: None if v > 0 else 'must be > 0', 'prop: s = mean|w| / quantscale'),
+    'num_epochs': (int, 60, _at_least(1), 'training epochs'),
+    'batch_size': (int, 128, _at_least(1), 'mini-batch size'),
+    'scheduler': (str, 'Cosine', _choice('StepLR', 'Cosine', 'CosineWarmRestarts'), 'learning-rate schedule'),
+    'learning_rate': (_NUM, 0.001, lambda v: None if v > 0 else 'must be > 0', 'Adam learning rate'),
+    'lr_decay': (_NUM, 0.1, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]', 'StepLR factor'),
+    'step_size': (int, 10, _at_least(1), 'StepLR period in epochs'),
+    'T_0': (int, 10, _at_least(1), 'CosineWarmRestarts first period in epochs'),
+    'T_mult': (int, 2, _at_least(1), 'CosineWarmRestarts period multiplier'),
+    'halve_lr_epoch': (int, -1, _at_least(-1), 'halve the learning rate from this epoch on (-1: never)'),
+    'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
+    'rotation1': (_NUM, 10, _between(0, 180), 'first random rotation, +/- degrees'),
+    'rotation2': (_NUM, 10, _between(0, 180), 'affine random rotation, +/- degrees'),
+    'elastictransformprobability': (_NUM, 0.0, _between(0, 1), 'share of augmented images elastically distorted'),
+    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels'),
+    'network_width1': (int, 64, _at_least(1), 'first hidden width'),
+    'network_width2': (int, 64, _at_least(1), 'second hidden width'),
+    'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
+    'runtag': (str, 'default', None, 'free text prefix of the run name'),
+    'seed': (int, 0, _at_least(0), 'random seed (init, shuffling, augmentation)'),
+    'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
+}
+DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
+
+
+def _check_value(key, value):
+    types, _, check, _ = CONFIG_SCHEMA[key]
+    types = types if isinstance(types, tuple) else (types,)
+    # bool is an int in Python; only accept it where bool is meant, and ints where floats are meant.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = ' or '.join('null' if t is type(None) else t.__name__ for t in types)
+        raise ConfigError(f"config key {key!r}: {value!r} is a {type(value).__name__}, expected {names}")
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"config key {key!r}: {value!r} {problem}")
+
+
+def _unknown_key(key):
+    close = difflib.get_close_matches(key, CONFIG_SCHEMA, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ''
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(CONFIG_SCHEMA)}")
+
+
+def parse_overrides(pairs):
+    """['KEY=VALUE', ...] -> dict, VALUE parsed as YAML (so 8 is an int, true a bool, null None)."""
+    out = {}
+    for pair in pairs or []:
+        if '=' not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_epochs=10")
+        key, text = pair.split('=', 1)
+        out[key.strip()] = yaml.safe_load(text) if text.strip() else ''
+    return out
+
+
+def load_config(path=None, overrides=None):
+    """Read a YAML config, apply overrides, fill defaults, validate every key. Returns a plain dict."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(raw).__name__}")
+    return validate_config({**raw, **(overrides or {})})
+
+
+def validate_config(raw):
+    cfg = {}
+    for key, value in raw.items():
+        if key not in CONFIG_SCHEMA:
+            raise _unknown_key(key)
+        _check_value(key, value)
+        cfg[key] = value
+    for key, (_, default, _, _) in CONFIG_SCHEMA.items():
+        cfg.setdefault(key, default)
+    from dataset import DATASETS  # late import: dataset.py imports this module
+    if cfg['dataset'] not in DATASETS:
+        raise ConfigError(f"config key 'dataset': {cfg['dataset']!r} must be one of {list(DATASETS)}")
+    if cfg['QuantType'] == 'None' and cfg['maxw_algo'] == 'octav':
+        cfg['maxw_algo'] = 'prop'   # float weights have nothing to clip; keep s well defined
+    return cfg
+
+
+def config_hash(cfg):
+    """Short hash of every setting that shapes the trained weights (not the device)."""
+    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device'}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg):
+    """Readable summary of the main settings plus a hash of all of them: different config, different name."""
+    if cfg['model'] == 'CNNMNIST':
+        arch = f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg)))
+    else:
+        arch = 'FC' + 'x'.join(map(str, hidden_widths(cfg)))
+    return (f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{cfg['QuantType']}_{cfg['NormType']}_"
+            f"{cfg['maxw_algo']}_ep{cfg['num_epochs']}_{config_hash(cfg)}")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def describe_quant_types():
+    return '\n'.join(f"  {q.name:8s} {q.bits:>4} bit  {q.description}" for q in QUANT_TYPES.values())
+
+
+if __name__ == '__main__':
+    print('Quantization types:\n' + describe_quant_types())
+    print(f"NF4 int8 levels: {NF4_LEVELS_INT8}")

@@ -1,0 +1,44 @@
+# BitNetMCU: `make` sets everything up and runs the main job; `make test` runs the test suite.
+# Both work on a fresh machine: they create .venv, install the requirements and fetch MNIST.
+
+PYTHON ?= python3
+# The CPU build of torch is installed when .venv has no torch yet; override for another build,
+# or install your own torch into .venv first (it is kept).
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PARAMS ?= trainingparameters.yaml
+DATA_STAMP := data/cache/MNIST.pt
+
+.PHONY: all setup data train test bench clean help
+.DEFAULT_GOAL := all
+
+all: train  ## main job: set up, fetch data, train the default model
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with the requirements
+
+$(DATA_STAMP): $(VENV)/.installed dataset.py
+	$(PY) -c "import dataset; dataset.load_dataset('MNIST')"
+
+data: $(DATA_STAMP)  ## fetch, verify and preprocess MNIST
+
+train: $(DATA_STAMP)  ## train the model of $(PARAMS) (skipped when its checkpoint exists)
+	$(PY) training.py --params $(PARAMS) --skip-existing
+
+test: $(DATA_STAMP)  ## run the test suite
+	$(PY) -m pytest -q tests
+
+bench: $(DATA_STAMP)  ## training speed benchmark
+	$(PY) bench/train_speed.py
+
+clean:  ## remove caches and run logs (keeps .venv, data and modeldata)
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,66 @@
+"""Training speed: seconds per epoch (60k clean + 60k augmented MNIST images) on this machine.
+
+    python bench/train_speed.py [--epochs N] [--threads T] [--models fc,cnn]
+
+Reports the median over N epochs, each timed from epoch data generation to the last optimizer step
+(the test-set evaluation is left out, as in the reference figures below). Reference: the original
+BitNetMCU on this 2-core machine needs 38.9 s per FC epoch (median of 5) and 88 s per CNN epoch.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from BitNetMCU import build_model, load_config  # noqa: E402
+from dataset import load_dataset  # noqa: E402
+from training import epoch_data, pick_device, train_epoch  # noqa: E402
+
+CASES = {
+    'fc': ('FC 4bitsym 64/64/64 (default config)', {}, 38.9, 3.5),
+    'cnn': ('CNN 64 wide, 96/64', dict(model='CNNMNIST', cnn_width=64, network_width1=96,
+                                       network_width2=64, network_width3=0), 88.0, 30.0),
+}
+
+
+def time_epochs(overrides, epochs, data, threads):
+    cfg = load_config(overrides=overrides)
+    device = pick_device(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(cfg, data['num_classes']).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        x, y = epoch_data(data, cfg, epoch)
+        train_epoch(model, optimizer, x, y, cfg['batch_size'], device, f'epoch {epoch + 1}')
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--epochs', type=int, default=3, help='epochs timed per model (median reported)')
+    parser.add_argument('--models', default='fc,cnn', help='comma-separated: ' + ', '.join(CASES))
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: as training.py picks)')
+    args = parser.parse_args()
+    data = load_dataset('MNIST')
+    print(f"{'model':40s} {'median s/epoch':>14s} {'all runs':>24s} {'original':>9s} {'speed-up':>9s} {'target':>7s}")
+    for key in args.models.split(','):
+        if key not in CASES:
+            sys.exit(f"error: unknown model {key!r}; valid: {', '.join(CASES)}")
+        title, overrides, original, target = CASES[key]
+        times = time_epochs(overrides, args.epochs, data, args.threads)
+        med = statistics.median(times)
+        runs = ' '.join(f'{t:.2f}' for t in times)
+        verdict = 'met' if med <= target else 'MISSED'
+        print(f"{title:40s} {med:14.2f} {runs:>24s} {original:9.1f} {original / med:8.1f}x {target:5.1f} {verdict}")
+
+
+if __name__ == '__main__':
+    main()

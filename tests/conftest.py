@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope='session')
+def mnist():
+    """The real MNIST (fetched by `make test` before the tests run)."""
+    from dataset import load_dataset
+    return load_dataset('MNIST', log=lambda *a: None)
+
+
+@pytest.fixture(scope='session')
+def small_mnist(mnist):
+    """A 3000/1000-image slice of the real MNIST: fast, still a real learning problem."""
+    out = dict(mnist)
+    for split, n in (('train', 3000), ('test', 1000)):
+        for key in ('x28', 'x16', 'y'):
+            out[f'{split}_{key}'] = mnist[f'{split}_{key}'][:n]
+    return out
+
+
+@pytest.fixture
+def run_dirs(tmp_path, monkeypatch):
+    """Send training.py's checkpoints and run logs into a temporary folder."""
+    import training
+    monkeypatch.setattr(training, 'MODEL_DIR', tmp_path / 'modeldata')
+    monkeypatch.setattr(training, 'RUNS_DIR', tmp_path / 'runs')
+    return tmp_path

@@ -1,0 +1,89 @@
+"""Config loading: defaults, overrides, and errors that name the key and the valid choices."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from BitNetMCU import CONFIG_SCHEMA, ConfigError, load_config, parse_overrides, run_name
+from conftest import ROOT
+
+
+def write(tmp_path, text):
+    path = tmp_path / 'params.yaml'
+    path.write_text(text)
+    return path
+
+
+def test_shipped_default_config_is_valid_and_complete():
+    cfg = load_config()
+    assert set(cfg) == set(CONFIG_SCHEMA)
+    assert (cfg['model'], cfg['QuantType'], cfg['num_epochs']) == ('FCMNIST', '4bitsym', 60)
+    assert raw_keys_of_shipped_file() == set(CONFIG_SCHEMA)
+
+
+def raw_keys_of_shipped_file():
+    return set(yaml.safe_load((ROOT / 'trainingparameters.yaml').read_text()))
+
+
+def test_overrides_are_parsed_as_yaml():
+    assert parse_overrides(['num_epochs=5', 'augmentation=false', 'fc1_QuantType=null', 'runtag=x=y']) == \
+        {'num_epochs': 5, 'augmentation': False, 'fc1_QuantType': None, 'runtag': 'x=y'}
+    cfg = load_config(overrides={'QuantType': '2bitsym', 'learning_rate': 1})
+    assert cfg['QuantType'] == '2bitsym' and cfg['learning_rate'] == 1
+
+
+@pytest.mark.parametrize('text,fragments', [
+    ('QuantType: 3bit\n', ["'QuantType'", "'3bit'", "'4bitsym'", "'FP130'", "'NF4'"]),
+    ('num_epoch: 3\n', ["unknown config key 'num_epoch'", "did you mean 'num_epochs'"]),
+    ('num_epochs: ten\n', ["'num_epochs'", "'ten' is a str, expected int"]),
+    ('num_epochs: 2.5\n', ["'num_epochs'", "expected int"]),
+    ('augmentation: 1\n', ["'augmentation'", "expected bool"]),
+    ('batch_size: 0\n', ["'batch_size'", ">= 1"]),
+    ('elastictransformprobability: 1.5\n', ["'elastictransformprobability'", "between 0 and 1"]),
+    ('model: ResNet\n', ["'model'", "'FCMNIST'", "'CNNMNIST'"]),
+    ('dataset: CIFAR\n', ["'dataset'", "'MNIST'", "'EMNIST_LETTERS'"]),
+    ('scheduler: OneCycle\n', ["'scheduler'", "'StepLR'", "'Cosine'", "'CosineWarmRestarts'"]),
+    ('- a list\n', ['must be a mapping']),
+    ('model: [unclosed\n', ['not valid YAML']),
+])
+def test_bad_config_names_key_and_valid_values(tmp_path, text, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_missing_file_and_bad_set_syntax(tmp_path):
+    with pytest.raises(ConfigError, match='does not exist'):
+        load_config(tmp_path / 'nope.yaml')
+    with pytest.raises(ConfigError, match='KEY=VALUE'):
+        parse_overrides(['num_epochs'])
+
+
+def test_keys_of_the_other_model_are_ignored_not_fatal(tmp_path):
+    cfg = load_config(write(tmp_path, 'model: FCMNIST\ncnn_width: 48\n'))
+    assert cfg['cnn_width'] == 48
+
+
+def test_run_name_changes_with_any_setting():
+    base = load_config()
+    names = {run_name(base)}
+    for key, value in [('seed', 1), ('rotation2', 5), ('learning_rate', 0.002), ('batch_size', 64),
+                       ('elastictransformprobability', 0.1), ('halve_lr_epoch', 30)]:
+        names.add(run_name({**base, key: value}))
+    assert len(names) == 7
+    assert run_name({**base, 'device': 'cpu'}) == run_name(base)   # where it runs does not change the result
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / 'training.py'), '--set', 'QuantType=int3'],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "error: config key 'QuantType': 'int3' must be one of" in out.stderr
+    assert 'Traceback' not in out.stderr
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, str(ROOT / 'training.py'), '--help'], capture_output=True, text=True)
+    assert out.returncode == 0 and '--resume' in out.stdout and '--set' in out.stdout

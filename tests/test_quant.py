@@ -1,0 +1,112 @@
+"""Every quantization type: its levels, its straight-through gradient, and the clipping scalar."""
+import pytest
+import torch
+
+from BitNetMCU import (NF4_LEVELS_INT8, QUANT_TYPES, BitConv2d, BitLinear, code_entropy_bits, clipping_scalar,
+                       fake_quantize_weight, octav_clip, octav_mse, quantize_activations)
+
+HALF = [k + 0.5 for k in range(-8, 8)]
+EXPECTED_LEVELS = {
+    'Binary': [-1, 1],
+    'Ternary': [-1, 0, 1],
+    '2bitsym': [-1.5, -0.5, 0.5, 1.5],
+    '4bitsym': HALF,
+    '4bit': list(range(-8, 8)),
+    '8bit': list(range(-128, 128)),
+    'FP130': [sign * 2 ** e for sign in (-1, 1) for e in range(8)],
+    'NF4': NF4_LEVELS_INT8,
+}
+
+
+def wide_weights(n=20000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, generator=g) * torch.rand(1, n, generator=g) * 3
+
+
+@pytest.mark.parametrize('name', EXPECTED_LEVELS)
+def test_levels_are_exactly_the_documented_set(name):
+    w = wide_weights()
+    u, step = QUANT_TYPES[name].quantize(w, torch.tensor([[1.0]]))
+    assert sorted(set(u.flatten().tolist())) == sorted(set(EXPECTED_LEVELS[name]))
+    assert torch.allclose(fake_quantize_weight(w, torch.tensor([[1.0]]), QUANT_TYPES[name]), u * step)
+
+
+@pytest.mark.parametrize('name,w,expected', [
+    ('4bitsym', [0.0, 0.01, -0.01, 0.07, 0.2, 5.0, -5.0], [0.5, 0.5, -0.5, 0.5, 1.5, 7.5, -7.5]),
+    ('2bitsym', [0.0, 0.4, 0.6, -0.6, 3.0], [0.5, 0.5, 1.5, -1.5, 1.5]),
+    ('4bit', [0.0, 0.06, 0.07, 1.0, -1.0], [0, 0, 1, 7, -8]),
+    ('8bit', [0.004, -0.004, 0.5, 1.0, -1.0], [1, -1, 64, 127, -128]),
+    ('FP130', [0.0, 0.01, 0.02, 0.1, 0.5, 1.0, 9.0, -0.1], [1, 1, 2, 8, 64, 128, 128, -8]),
+    ('Ternary', [1.0, -1.0, 0.1, 0.0], [1, -1, 0, 0]),
+    ('Binary', [1.0, -1.0, 0.5, 0.0], [1, -1, 1, -1]),
+])
+def test_known_values_with_s_one(name, w, expected):
+    u, _ = QUANT_TYPES[name].quantize(torch.tensor([w]), torch.tensor([[1.0]]))
+    assert u.flatten().tolist() == expected
+
+
+def test_nf4_picks_nearest_level():
+    w = torch.linspace(-1.2, 1.2, 501).view(1, -1)
+    u, step = QUANT_TYPES['NF4'].quantize(w, torch.tensor([[1.0]]))
+    levels = torch.tensor(NF4_LEVELS_INT8, dtype=torch.float32)
+    best = levels[((w.clamp(-1, 1) * 127).unsqueeze(-1) - levels).abs().argmin(-1)]
+    assert torch.equal(u, best)
+    assert step.item() == pytest.approx(1 / 127)
+
+
+@pytest.mark.parametrize('name', list(QUANT_TYPES))
+def test_straight_through_gradient_is_identity(name):
+    w = wide_weights(1000).requires_grad_()
+    upstream = torch.randn_like(w)
+    (fake_quantize_weight(w, torch.tensor([[0.7]]), QUANT_TYPES[name]) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_activation_quantization_is_per_sample_int8_with_ste():
+    x = torch.tensor([[0.1, -2.0, 1.0], [100.0, 50.0, 0.0]], requires_grad=True)
+    q = quantize_activations(x)
+    scale = torch.tensor([[127 / 2.0], [127 / 100.0]])
+    codes = (q * scale).round()
+    assert codes.tolist() == [[6, -127, 64], [127, 64, 0]]   # 6.35 -> 6, 63.5 -> 64, 0
+    assert torch.allclose(q * scale, codes, atol=1e-4)
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize('bits', [2, 4, 8])
+def test_octav_matches_brute_force_mse_search(bits):
+    absw = wide_weights(50000, seed=bits).abs()
+    s = octav_clip(absw, bits)
+    grid = torch.linspace(0.01, float(absw.max()), 4000).view(-1, 1)
+    mse = octav_mse(absw.expand(len(grid), -1), grid, bits).flatten()
+    best = grid[mse.argmin()]
+    assert float(octav_mse(absw, s, bits)) <= float(mse.min()) * 1.002
+    assert float(s) == pytest.approx(float(best), rel=0.03)
+
+
+def test_octav_clips_harder_for_fewer_bits():
+    absw = wide_weights(20000).abs()
+    assert octav_clip(absw, 2) < octav_clip(absw, 4) < octav_clip(absw, 8)
+
+
+def test_prop_clipping_and_per_output_shape():
+    w = torch.randn(6, 10)
+    s = clipping_scalar(w, QUANT_TYPES['4bitsym'], 'prop', 0.25, per_output=False)
+    assert s.shape == (1, 1) and float(s) == pytest.approx(float(w.abs().mean() / 0.25))
+    rows = clipping_scalar(w, QUANT_TYPES['4bitsym'], 'octav', 0.25, per_output=True)
+    assert rows.shape == (6, 1)
+    assert torch.allclose(rows.flatten(), octav_clip(w.abs(), 4).flatten())
+
+
+def test_layers_keep_s_as_buffer_and_quantize_per_row():
+    layer = BitLinear(10, 4, QuantType='4bitsym', WScale='PerOutput')
+    assert layer.s.shape == (4,) and 's' in layer.state_dict()
+    assert layer.weight_levels().abs().max() <= 7.5
+    conv = BitConv2d(1, 8, QuantType='8bit')
+    assert conv.weight_levels().dtype == torch.float32 and conv.weight_levels().abs().max() <= 128
+
+
+def test_code_entropy():
+    assert code_entropy_bits(torch.tensor([1.0, -1.0, 1.0, -1.0])) == pytest.approx(1.0)
+    assert code_entropy_bits(torch.tensor([3.0, 3.0])) == pytest.approx(0.0)
+    assert code_entropy_bits(torch.arange(16.0)) == pytest.approx(4.0)

@@ -1,0 +1,123 @@
+"""Training: models build for every type, a short real run learns, resume is exact, output is complete."""
+import math
+
+import pytest
+import torch
+
+import training
+from BitNetMCU import QUANT_TYPES, ConfigError, build_model, load_config, quant_layers, run_name
+
+
+def config(**overrides):
+    base = dict(num_epochs=3, augmentation=True, batch_size=64, network_width1=32, network_width2=32,
+                network_width3=0, learning_rate=0.003, runtag='test')
+    return load_config(overrides={**base, **overrides})
+
+
+@pytest.mark.parametrize('qtype', list(QUANT_TYPES))
+@pytest.mark.parametrize('model', ['FCMNIST', 'CNNMNIST'])
+def test_every_model_and_type_runs_forward_and_backward(model, qtype):
+    cfg = config(model=model, QuantType=qtype, cnn_width=4, network_width3=8)
+    net = build_model(cfg, 10)
+    out = net(torch.randn(5, 1, 16, 16))
+    assert out.shape == (5, 10)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    kinds = [layer.qtype.name for _, layer in quant_layers(net)]
+    if model == 'FCMNIST':
+        assert kinds == [qtype] * 4
+    else:
+        assert kinds == ['8bit'] * 3 + ['2bitsym'] + [qtype] * 3
+
+
+@pytest.mark.parametrize('norm', ['RMS', 'Lin', 'BatchNorm', 'LayerNorm'])
+def test_every_norm_type(norm):
+    net = build_model(config(NormType=norm), 10)
+    assert net(torch.randn(4, 256)).shape == (4, 10)
+
+
+def test_model_shapes_follow_config():
+    fc = build_model(config(network_width1=20, network_width2=12, network_width3=0), 26)
+    assert [tuple(m.weight.shape) for _, m in quant_layers(fc)] == [(20, 256), (12, 20), (26, 12)]
+    cnn = build_model(config(model='CNNMNIST', cnn_width=6, network_width3=0), 10)
+    assert [tuple(m.weight.shape) for _, m in quant_layers(cnn)] == \
+        [(6, 1, 3, 3), (6, 1, 3, 3), (6, 1, 3, 3), (32, 24), (32, 32), (10, 32)]
+
+
+def test_learning_rate_schedules():
+    cfg = config(num_epochs=10, learning_rate=1.0)
+    assert [training.lr_at({**cfg, 'scheduler': 'StepLR', 'step_size': 3, 'lr_decay': 0.5}, e)
+            for e in (0, 2, 3, 7)] == [1.0, 1.0, 0.5, 0.25]
+    assert training.lr_at({**cfg, 'scheduler': 'Cosine'}, 5) == pytest.approx(0.5)
+    warm = {**cfg, 'scheduler': 'CosineWarmRestarts', 'T_0': 2, 'T_mult': 2}
+    assert [round(training.lr_at(warm, e), 6) for e in range(6)] == [1.0, 0.5, 1.0, round(0.5 + 0.5 * math.cos(math.pi / 4), 6), 0.5,
+                                                                     round(0.5 - 0.5 * math.cos(math.pi / 4), 6)]
+    assert training.lr_at({**cfg, 'scheduler': 'StepLR', 'halve_lr_epoch': 4}, 4) == 0.5
+
+
+def test_epoch_data_is_clean_plus_augmented_and_deterministic(small_mnist):
+    cfg = config()
+    x, y = training.epoch_data(small_mnist, cfg, 0)
+    assert x.shape == (6000, 16, 16) and torch.equal(y.bincount(), small_mnist['train_y'].bincount() * 2)
+    assert torch.equal(x, training.epoch_data(small_mnist, cfg, 0)[0])
+    assert not torch.equal(x, training.epoch_data(small_mnist, cfg, 1)[0])
+    assert training.epoch_data(small_mnist, config(augmentation=False), 0)[0].shape == (3000, 16, 16)
+
+
+def test_short_real_training_run_learns_and_saves_everything(small_mnist, run_dirs):
+    cfg = config()
+    path = training.train(cfg, data=small_mnist, log=lambda *a: None)
+    saved = torch.load(path, weights_only=False)
+    assert path.name == run_name(cfg) + '.pth'
+    assert saved['config'] == cfg and saved['num_classes'] == 10 and saved['format'] == training.CHECKPOINT_FORMAT
+    losses = [m['train_loss'] for m in saved['history']]
+    assert losses[0] > losses[1] > losses[2]
+    assert saved['metrics']['test_acc'] > 0.85            # 3 small epochs on 3k images; chance is 0.10
+    net = build_model(saved['config'], saved['num_classes'])
+    net.load_state_dict(saved['state_dict'])              # the checkpoint alone rebuilds the model
+    lines = (run_dirs / 'runs' / run_name(cfg) / 'metrics.csv').read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith('epoch,lr,train_loss,train_acc,test_loss,test_acc')
+    assert not (run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt').exists()
+    # Test metrics cover every test image: evaluate over an odd count agrees with a manual loop.
+    x, y = training.normalize(small_mnist['test_x16'][:999]), small_mnist['test_y'][:999]
+    _, acc, _ = training.evaluate(net, x, y, torch.device('cpu'), batch_size=100)
+    assert acc == pytest.approx(float((net.eval()(x).argmax(1) == y).float().mean()))
+
+
+def test_interrupted_run_resumes_exactly(small_mnist, run_dirs):
+    cfg = config(num_epochs=2)
+    reference = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
+    (run_dirs / 'modeldata').rename(run_dirs / 'first')
+
+    def interrupt(epoch):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, data=small_mnist, log=lambda *a: None, on_epoch_end=interrupt)
+    ckpt = run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt'
+    assert ckpt.exists() and not (run_dirs / 'modeldata' / f'{run_name(cfg)}.pth').exists()
+    with pytest.raises(ConfigError, match='--resume'):
+        training.train(cfg, data=small_mnist, log=lambda *a: None)    # never silently starts over
+    resumed = torch.load(training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None),
+                         weights_only=False)
+    for key, value in reference['state_dict'].items():
+        assert torch.equal(value, resumed['state_dict'][key]), key
+    assert [m['test_loss'] for m in resumed['history']] == [m['test_loss'] for m in reference['history']]
+
+
+def test_resume_without_checkpoint_and_corrupt_checkpoint(small_mnist, run_dirs):
+    cfg = config(num_epochs=1)
+    with pytest.raises(ConfigError, match='nothing to resume'):
+        training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None)
+    ckpt = run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt'
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b'garbage')
+    with pytest.raises(ConfigError, match='cannot be resumed.*--restart'):
+        training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None)
+    assert ckpt.read_bytes() == b'garbage'                 # the user's file is left alone
+    assert training.train(cfg, restart=True, data=small_mnist, log=lambda *a: None).exists()
+
+
+def test_cuda_request_without_cuda_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ConfigError, match="'cuda' was asked for"):
+        training.pick_device(config(device='cuda'))

@@ -1,0 +1,274 @@
+"""Train a BitNetMCU model with quantization-aware training.
+
+    python training.py                                  # trainingparameters.yaml
+    python training.py --params configs/x.yaml --set num_epochs=10 --set QuantType=2bitsym
+    python training.py --resume                         # continue an interrupted run exactly
+
+Writes modeldata/<run name>.pth (state_dict + config + metrics: all later scripts need) and
+runs/<run name>/ (metrics.csv, resumable checkpoint.pt, TensorBoard logs when tensorboard is installed).
+"""
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from BitNetMCU import (PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, load_config,
+                       parse_overrides, quant_layers, run_name)
+from dataset import DataError, augment, load_dataset, normalize
+
+CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
+MODEL_DIR = PROJECT_DIR / 'modeldata'
+RUNS_DIR = PROJECT_DIR / 'runs'
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety, not a requirement
+    tqdm = None
+
+
+def pick_device(cfg):
+    if cfg['device'] == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError("config key 'device': 'cuda' was asked for but no CUDA device is available; "
+                          "use 'auto' or 'cpu'")
+    if cfg['device'] == 'cpu' or not torch.cuda.is_available():
+        # Tiny layers: more than a few threads only add synchronization overhead.
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        return torch.device('cpu')
+    return torch.device('cuda')
+
+
+def lr_at(cfg, epoch):
+    """Learning rate of an epoch: a pure function of the config, so resuming needs no scheduler state."""
+    base = cfg['learning_rate']
+    if cfg['scheduler'] == 'StepLR':
+        lr = base * cfg['lr_decay'] ** (epoch // cfg['step_size'])
+    elif cfg['scheduler'] == 'Cosine':
+        lr = base * 0.5 * (1 + math.cos(math.pi * epoch / cfg['num_epochs']))
+    else:  # CosineWarmRestarts
+        period, start = cfg['T_0'], 0
+        while epoch >= start + period:
+            start, period = start + period, period * cfg['T_mult']
+        lr = base * 0.5 * (1 + math.cos(math.pi * (epoch - start) / period))
+    if 0 <= cfg['halve_lr_epoch'] <= epoch:
+        lr /= 2
+    return lr
+
+
+def epoch_generator(cfg, epoch):
+    """Each epoch's shuffling and augmentation depend only on (seed, epoch): resume is exact."""
+    return torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + epoch)
+
+
+def epoch_data(data, cfg, epoch):
+    """The shuffled training set of one epoch: clean images, plus as many freshly augmented ones."""
+    gen = epoch_generator(cfg, epoch)
+    x, y = normalize(data['train_x16']), data['train_y']
+    if cfg['augmentation']:
+        extra = augment(data['train_x28'], gen, cfg['rotation1'], cfg['rotation2'],
+                        cfg['elastictransformprobability'])
+        x, y = torch.cat([x, normalize(extra)]), torch.cat([y, y])
+    order = torch.randperm(len(y), generator=gen)
+    return x[order], y[order]
+
+
+def train_epoch(model, optimizer, x, y, batch_size, device, desc='train'):
+    """One pass over (x, y) in order; returns mean loss and accuracy of the training batches."""
+    batches = range(0, len(y), batch_size)
+    if tqdm is not None:
+        batches = tqdm(batches, desc=desc, leave=False, disable=None, unit='batch', mininterval=0.5)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in batches:
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(yb)
+        correct += (out.argmax(1) == yb).sum()
+    return float(loss_sum) / len(y), float(correct) / len(y)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, device, batch_size=2000):
+    """Loss and accuracy over every sample (no partial batch dropped) and the share of positive ReLU outputs."""
+    model.eval()
+    positive, total = [0], [0]
+
+    def count(_module, _inputs, out):
+        positive[0] += int((out > 0).sum())
+        total[0] += out.numel()
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.ReLU)]
+    loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            out = model(xb)
+            loss += float(F.cross_entropy(out, yb, reduction='sum'))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    model.train()
+    return loss / len(y), correct / len(y), positive[0] / max(total[0], 1)
+
+
+def layer_stats(model):
+    """Per quantized layer: clipping scalar (mean over rows for PerOutput) and entropy of the weight codes."""
+    return {name: (float(layer.s.mean()), code_entropy_bits(layer.weight_levels()))
+            for name, layer in quant_layers(model)}
+
+
+def write_metrics_csv(history, path):
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    tmp = path.with_suffix('.csv.tmp')
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
+
+
+def format_epoch(m, num_epochs, layer_names):
+    s = ' '.join(f"{m['s/' + n]:.3g}" for n in layer_names)
+    h = ' '.join(f"{m['entropy/' + n]:.2f}" for n in layer_names)
+    return (f"epoch {m['epoch']:3d}/{num_epochs}  lr {m['lr']:.2e}  "
+            f"train {m['train_loss']:.4f} {100 * m['train_acc']:6.2f}%  "
+            f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
+            f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s  | s: {s} | bits: {h}")
+
+
+def _tensorboard(log_dir, purge_step):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    except Exception:  # tensorboard not installed (or broken): the CSV has everything
+        return None
+
+
+def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
+    """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
+    name = run_name(cfg)
+    run_dir, model_path = RUNS_DIR / name, MODEL_DIR / f'{name}.pth'
+    ckpt_path = run_dir / 'checkpoint.pt'
+    device = pick_device(cfg)
+    data = data or load_dataset(cfg['dataset'], log=log)
+
+    torch.manual_seed(cfg['seed'])
+    model = build_model(cfg, data['num_classes']).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
+    history, start_epoch = [], 0
+    if ckpt_path.exists() and not restart:
+        if not resume:
+            raise ConfigError(f"{ckpt_path} holds an unfinished run of this config; pass --resume to continue "
+                              f"it, or --restart to start over (it will be overwritten)")
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        except Exception as e:
+            raise ConfigError(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {e}); "
+                              f"pass --restart to start over") from None
+        history, start_epoch = state['history'], state['epoch']
+        log(f"Resuming {name} after epoch {start_epoch}")
+    elif resume:
+        raise ConfigError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
+    elif model_path.exists():
+        log(f"Note: {model_path} exists for this exact config and will be replaced")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    layer_names = [n for n, _ in quant_layers(model)]
+    params = sum(p.numel() for p in model.parameters())
+    log(f"Run {name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
+        f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}, "
+        f"device {device}, {torch.get_num_threads()} threads")
+    test_x, test_y = normalize(data['test_x16']), data['test_y']
+    writer = _tensorboard(run_dir / 'tensorboard', start_epoch)
+    try:
+        for epoch in range(start_epoch, cfg['num_epochs']):
+            t0 = time.time()
+            if epoch < cfg['maxw_update_until_epoch']:
+                for _, layer in quant_layers(model):
+                    layer.update_clipping()
+            lr = lr_at(cfg, epoch)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            x, y = epoch_data(data, cfg, epoch)
+            train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg['batch_size'], device,
+                                                f"epoch {epoch + 1}/{cfg['num_epochs']}")
+            test_loss, test_acc, positive = evaluate(model, test_x, test_y, device)
+            metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
+                       'train_acc': train_acc, 'test_loss': test_loss, 'test_acc': test_acc,
+                       'act_positive': positive, 'time_s': time.time() - t0}
+            for layer, (s, bits) in layer_stats(model).items():
+                metrics[f's/{layer}'], metrics[f'entropy/{layer}'] = s, bits
+            history.append(metrics)
+            atomic_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'epoch': epoch + 1, 'history': history, 'config': cfg}, ckpt_path)
+            write_metrics_csv(history, run_dir / 'metrics.csv')
+            if writer is not None:
+                for key, value in metrics.items():
+                    if key != 'epoch':
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            log(format_epoch(metrics, cfg['num_epochs'], layer_names))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
+    except KeyboardInterrupt:
+        done = history[-1]['epoch'] if history else 0
+        log(f"\nInterrupted. {done} epoch(s) are saved in {ckpt_path}; continue with the same "
+            f"arguments plus --resume.")
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+    atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': name, 'config': cfg,
+                 'num_classes': data['num_classes'], 'state_dict': model.state_dict(),
+                 'metrics': history[-1], 'history': history}, model_path)
+    ckpt_path.unlink()   # the run is complete: the model file holds everything
+    final = history[-1]
+    log(f"Saved {model_path.relative_to(PROJECT_DIR) if model_path.is_relative_to(PROJECT_DIR) else model_path}: "
+        f"test accuracy {100 * final['test_acc']:.2f}% (float QAT model), "
+        f"{sum(m['time_s'] for m in history):.0f}s training")
+    return model_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--params', default=None, help='YAML config (default: trainingparameters.yaml)')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='override a config key, e.g. --set num_epochs=10 (repeatable)')
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument('--resume', action='store_true', help='continue the interrupted run of this config')
+    group.add_argument('--restart', action='store_true', help='discard an unfinished run of this config')
+    parser.add_argument('--skip-existing', action='store_true',
+                        help='do nothing when the model of this exact config is already trained')
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, parse_overrides(args.set))
+        done = MODEL_DIR / f'{run_name(cfg)}.pth'
+        if args.skip_existing and done.exists():
+            print(f"{done} is already trained for this config; skipping (delete it to retrain)")
+            return 0
+        train(cfg, resume=args.resume, restart=args.restart)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
