@@ -40,7 +40,8 @@ def pick_device(cfg):
                           "use 'auto' or 'cpu'")
     if cfg['device'] == 'cpu' or not torch.cuda.is_available():
         # Tiny layers: more than a few threads only add synchronization overhead.
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        if 'OMP_NUM_THREADS' not in os.environ:
+            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         return torch.device('cpu')
     return torch.device('cuda')
 
