@@ -463,8 +463,6 @@ def validate_config(raw):
     from dataset import DATASETS  # late import: dataset.py imports this module
     if cfg['dataset'] not in DATASETS:
         raise ConfigError(f"config key 'dataset': {cfg['dataset']!r} must be one of {list(DATASETS)}")
-    if cfg['QuantType'] == 'None' and cfg['maxw_algo'] == 'octav':
-        cfg['maxw_algo'] = 'prop'   # float weights have nothing to clip; keep s well defined
     return cfg
 
 
