@@ -316,13 +316,15 @@ def _uniform(n, lo, hi, gen):
 
 
 def _gaussian_blur(field, sigma):
+    """Blur (..., H, W) with a zero-padded Gaussian of radius 3 sigma, as two small matrix products
+    (on CPU about 20x faster than the equivalent separable conv2d)."""
     radius = int(math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = field.shape[1]
-    field = F.conv2d(field, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, radius), groups=c)
-    return F.conv2d(field, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0), groups=c)
+
+    def blur_matrix(n):
+        offset = torch.arange(n, dtype=torch.float32).view(-1, 1) - torch.arange(n, dtype=torch.float32)
+        weights = torch.exp(-offset ** 2 / (2 * sigma ** 2)) * (offset.abs() <= radius)
+        return weights / torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma ** 2)).sum()
+    return blur_matrix(field.shape[-2]) @ field @ blur_matrix(field.shape[-1]).T
 
 
 def augment(images28, gen, rotation1=10.0, rotation2=10.0, elastic_p=0.0, size=16, chunk=8192):
