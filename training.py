@@ -183,7 +183,8 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
         history, start_epoch = state['history'], state['epoch']
         log(f"Resuming {name} after epoch {start_epoch}")
     elif resume:
-        raise ConfigError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
+        done = f"; this config is already trained: {model_path}" if model_path.exists() else ''
+        raise ConfigError(f"nothing to resume: {ckpt_path} does not exist{done}; run without --resume")
     elif model_path.exists():
         log(f"Note: {model_path} exists for this exact config and will be replaced")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,14 @@ def test_cuda_request_without_cuda_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(ConfigError, match="'cuda' was asked for"):
         training.pick_device(config(device='cuda'))
+
+
+def test_skip_existing_does_not_retrain(run_dirs, capsys):
+    cfg = load_config(overrides={'runtag': 'skip'})
+    done = run_dirs / 'modeldata' / f'{run_name(cfg)}.pth'
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b'trained')
+    assert training.main(['--set', 'runtag=skip', '--skip-existing']) == 0
+    assert 'already trained' in capsys.readouterr().out and done.read_bytes() == b'trained'
+    assert training.main(['--set', 'runtag=skip', '--resume']) == 2
+    assert 'already trained' in capsys.readouterr().err
