@@ -369,11 +369,16 @@ def _optional_choice(*options):
     return lambda v: None if v is None or v in options else f"must be null or one of {list(options)}"
 
 
+def _dataset_name(v):
+    from dataset import DATASETS  # late import: dataset.py imports this module
+    return _choice(*DATASETS)(v)
+
+
 _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
 CONFIG_SCHEMA = {
     'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected) or CNNMNIST (depthwise CNN)'),
-    'dataset': (str, 'MNIST', None, 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
+    'dataset': (str, 'MNIST', _dataset_name, 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
     'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
                       'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
@@ -393,9 +398,9 @@ CONFIG_SCHEMA = {
     'T_mult': (int, 2, _at_least(1), 'CosineWarmRestarts period multiplier'),
     'halve_lr_epoch': (int, -1, _at_least(-1), 'halve the learning rate from this epoch on (-1: never)'),
     'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
-    'rotation1': (_NUM, 10, _between(0, 180), 'first random rotation, +/- degrees'),
-    'rotation2': (_NUM, 10, _between(0, 180), 'affine random rotation, +/- degrees'),
-    'elastictransformprobability': (_NUM, 0.0, _between(0, 1), 'share of augmented images elastically distorted'),
+    'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
+    'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
+    'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
     'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels'),
     'network_width1': (int, 64, _at_least(1), 'first hidden width'),
     'network_width2': (int, 64, _at_least(1), 'second hidden width'),
@@ -460,9 +465,6 @@ def validate_config(raw):
         cfg[key] = value
     for key, (_, default, _, _) in CONFIG_SCHEMA.items():
         cfg.setdefault(key, default)
-    from dataset import DATASETS  # late import: dataset.py imports this module
-    if cfg['dataset'] not in DATASETS:
-        raise ConfigError(f"config key 'dataset': {cfg['dataset']!r} must be one of {list(DATASETS)}")
     return cfg
 
 
@@ -495,6 +497,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def describe_config():
+    """One line per config key: name, default, meaning (for --help)."""
+    return '\n'.join(f"  {key:28s} {str(default):10s} {text}" for key, (_, default, _, text) in CONFIG_SCHEMA.items())
 
 
 def describe_quant_types():

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import (PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, load_config,
-                       parse_overrides, quant_layers, run_name)
+from BitNetMCU import (PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, describe_config,
+                       load_config, parse_overrides, quant_layers, run_name)
 from dataset import DataError, augment, load_dataset, normalize
 
 CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
@@ -247,7 +247,8 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog='config keys (key, default, meaning):\n' + describe_config())
     parser.add_argument('--params', default=None, help='YAML config (default: trainingparameters.yaml)')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='override a config key, e.g. --set num_epochs=10 (repeatable)')

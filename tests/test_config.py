@@ -22,6 +22,11 @@ def test_shipped_default_config_is_valid_and_complete():
     assert raw_keys_of_shipped_file() == set(CONFIG_SCHEMA)
 
 
+def test_schema_defaults_are_the_shipped_defaults(tmp_path):
+    # A config that leaves a key out gets the same value the shipped file spells out.
+    assert load_config(write(tmp_path, '{}\n')) == load_config()
+
+
 def raw_keys_of_shipped_file():
     return set(yaml.safe_load((ROOT / 'trainingparameters.yaml').read_text()))
 
@@ -69,7 +74,7 @@ def test_keys_of_the_other_model_are_ignored_not_fatal(tmp_path):
 def test_run_name_changes_with_any_setting():
     base = load_config()
     names = {run_name(base)}
-    for key, value in [('seed', 1), ('rotation2', 5), ('learning_rate', 0.002), ('batch_size', 64),
+    for key, value in [('seed', 1), ('rotation2', 7), ('learning_rate', 0.002), ('batch_size', 64),
                        ('elastictransformprobability', 0.1), ('halve_lr_epoch', 30)]:
         names.add(run_name({**base, key: value}))
     assert len(names) == 7
