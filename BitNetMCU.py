@@ -14,8 +14,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,25 +87,53 @@ def _quant_none(w, s):
     return w, torch.ones_like(s)
 
 
+# Export encodings: the integer weight the C kernel multiplies by (levels u times int_scale) -> the
+# bit field stored in the header. Packing, decoding and the multiplier-free kernels are in
+# BitNetMCU_inference.c, one switch branch per type.
+def _sign_magnitude(bits, magnitude):
+    return lambda iw: ((iw < 0).astype(np.uint32) << (bits - 1)) | magnitude(np.abs(iw)).astype(np.uint32)
+
+
+def _twos_complement(bits):
+    return lambda iw: (iw & ((1 << bits) - 1)).astype(np.uint32)
+
+
+def _nf4_index(iw):
+    levels = np.array(NF4_LEVELS_INT8)
+    return np.abs(iw[..., None] - levels).argmin(-1).astype(np.uint32)
+
+
 @dataclass(frozen=True)
 class QuantType:
     name: str
     bits: float                    # storage bits per weight on the MCU
     quantize: Callable             # (w, s) -> (levels u, step); fake-quantized weight = u * step
     octav_bits: int                # bit width OCTAV's noise model assumes when choosing s
+    int_scale: int                 # integer weight in C = u * int_scale (2 for the half-integer *sym levels)
+    encode: Optional[Callable]     # integer weights -> stored bit fields (None: Ternary packs trits, None: float)
+    conv_shift: Optional[int]      # right shift after a 3x3 conv with these weights (None: not for convs)
     description: str
+
+    @property
+    def exportable(self):
+        return self.name != 'None'
 
 
 QUANT_TYPES = {q.name: q for q in [
-    QuantType('Binary', 1, _quant_binary, 1, 'sign(w - mean(w)) in {-1, +1}'),
-    QuantType('Ternary', 1.6, _quant_ternary, 2, 'clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
-    QuantType('2bitsym', 2, _quant_sym(2), 2, '{±0.5, ±1.5}, multiplier-free'),
-    QuantType('4bitsym', 4, _quant_sym(8), 4, '{±0.5 ... ±7.5}, multiplier-free'),
-    QuantType('4bit', 4, _quant_twos_complement(8), 4, 'two\'s complement -8 .. 7'),
-    QuantType('8bit', 8, _quant_twos_complement(128), 8, 'two\'s complement -128 .. 127'),
-    QuantType('FP130', 4, _quant_fp130, 4, 'sign x 2^e, e in 0..7, shifts only'),
-    QuantType('NF4', 4, _quant_nf4, 4, 'NormalFloat4 levels (rounded to int8) times s'),
-    QuantType('None', 32, _quant_none, 8, 'float weights, for comparison only (not exportable)'),
+    QuantType('Binary', 1, _quant_binary, 1, 1, lambda iw: (iw > 0).astype(np.uint32), 0,
+              'sign(w - mean(w)) in {-1, +1}'),
+    QuantType('Ternary', 1.6, _quant_ternary, 2, 1, None, 0,
+              'clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
+    QuantType('2bitsym', 2, _quant_sym(2), 2, 2, _sign_magnitude(2, lambda m: m == 3), 2,
+              '{±0.5, ±1.5}, multiplier-free'),
+    QuantType('4bitsym', 4, _quant_sym(8), 4, 2, _sign_magnitude(4, lambda m: (m - 1) // 2), 4,
+              '{±0.5 ... ±7.5}, multiplier-free'),
+    QuantType('4bit', 4, _quant_twos_complement(8), 4, 1, _twos_complement(4), 3, "two's complement -8 .. 7"),
+    QuantType('8bit', 8, _quant_twos_complement(128), 8, 1, _twos_complement(8), 7, "two's complement -128 .. 127"),
+    QuantType('FP130', 4, _quant_fp130, 4, 1, _sign_magnitude(4, lambda m: np.log2(m).round()), None,
+              'sign x 2^e, e in 0..7, shifts only'),
+    QuantType('NF4', 4, _quant_nf4, 4, 1, _nf4_index, 7, 'NormalFloat4 levels (rounded to int8) times s'),
+    QuantType('None', 32, _quant_none, 8, 1, None, None, 'float weights, for comparison only (not exportable)'),
 ]}
 
 
@@ -497,6 +526,226 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The integer model: what the MCU runs, and a numpy reference that computes exactly what C does
+# ------------------------------------------------------------------------------------------------
+
+class ExportError(ValueError):
+    """The model cannot be turned into an integer model; the message says why and what would work."""
+
+
+@dataclass
+class IntOp:
+    """One step of the integer model, in order. kind:
+    'fc'        int8 input -> int32 sums, weights (out, in) as the kernel multiplies them
+    'conv'      3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 in/out
+    'maxpool'   2x2 max pooling per channel
+    'shiftnorm' ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)"""
+    kind: str
+    qtype: Optional[QuantType] = None
+    weights: Optional[np.ndarray] = None
+    shift: int = 0
+    name: str = ''
+
+
+@dataclass
+class IntModel:
+    ops: list
+    num_classes: int
+    input_size: int = 16
+
+    def weight_ops(self):
+        return [op for op in self.ops if op.weights is not None]
+
+
+def integer_weights(layer, label):
+    """The integers the C kernel multiplies by."""
+    qtype = layer.qtype
+    if not qtype.exportable:
+        raise ExportError(f"{label}: QuantType 'None' (float) has no integer form; "
+                          f"train with one of {[q for q in QUANT_TYPES if q != 'None']}")
+    levels = layer.weight_levels().cpu().double().numpy() * qtype.int_scale
+    iw = np.rint(levels).astype(np.int64)
+    if not np.array_equal(iw, levels):
+        raise ExportError(f"{label}: {qtype.name} levels are not integers after scaling")
+    return iw
+
+
+def to_int_model(model):
+    """Walk model.layers once and build the integer model both the header writer and the reference use."""
+    ops = []
+    for index, module in model.layers.named_children():
+        label = f'layers.{index}'
+        if isinstance(module, BitConv2d):
+            if module.qtype.conv_shift is None:
+                raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
+                                  f"use conv_QuantType 8bit, 4bit, 4bitsym, 2bitsym, Ternary, Binary or NF4")
+            ops.append(IntOp('conv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
+                             module.qtype.conv_shift, label))
+        elif isinstance(module, nn.MaxPool2d):
+            ops.append(IntOp('maxpool', name=label))
+        elif isinstance(module, BitLinear):
+            if not isinstance(module.norm, (RMSNorm, nn.Identity)):
+                raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
+                                  "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
+            if ops:   # the first layer's input is the int8 image itself
+                ops.append(IntOp('shiftnorm', name=f'{label} input'))
+            ops.append(IntOp('fc', module.qtype, integer_weights(module, label), name=label))
+        elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
+            raise ExportError(f"{label}: {type(module).__name__} has no integer kernel")
+    return IntModel(ops, num_classes=ops[-1].weights.shape[0])
+
+
+def encode_input(images):
+    """Float images (N, 16, 16) or (N, 256) -> int8 as the MCU sees them: round(x * 127 / max|x|) per image.
+    Rounds half to even, like torch.round in training."""
+    x = images.reshape(len(images), -1).to(torch.float32)
+    scale = 127.0 / x.abs().amax(dim=1, keepdim=True).clamp_min(1e-5)
+    return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
+
+
+def shiftnorm_relu(sums):
+    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C."""
+    peak = sums.max(axis=1, keepdims=True)
+    shift = np.zeros_like(peak)
+    while ((peak >> shift) > 127).any():
+        shift += (peak >> shift) > 127
+    half = (1 << shift) >> 1
+    return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def reference_logits(int_model, images_int8):
+    """The integer reference engine: int8 images (N, 256) -> int32 logits (N, classes), batch-wise, bit-exact
+    with the C engine (int64 arithmetic here, checked to stay in int32 range as C requires)."""
+    x = np.asarray(images_int8, dtype=np.int64)
+    size = int_model.input_size
+    if any(op.kind == 'conv' for op in int_model.ops):
+        x = x.reshape(len(x), 1, size, size)
+    for op in int_model.ops:
+        if op.kind == 'fc':
+            x = x @ op.weights.T
+        elif op.kind == 'shiftnorm':
+            x = shiftnorm_relu(x.reshape(len(x), -1))
+        elif op.kind == 'conv':
+            n, _, h, w = x.shape
+            k = op.weights.reshape(1, -1, 3, 3)
+            acc = np.zeros((n, k.shape[1], h - 2, w - 2), dtype=np.int64)
+            for dy in range(3):
+                for dx in range(3):
+                    acc += x[:, :, dy:dy + h - 2, dx:dx + w - 2] * k[:, :, dy, dx, None, None]
+            _check_int32(acc, op)
+            x = np.where(acc > 0, acc >> op.shift, 0)
+        elif op.kind == 'maxpool':
+            n, c, h, w = x.shape
+            x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+        _check_int32(x, op)
+    return x
+
+
+def _check_int32(x, op):
+    if x.size and np.abs(x).max() > INT32_MAX:
+        raise ExportError(f"{op.name or op.kind}: sums exceed 32 bits; the C engine would overflow")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Packing integer weights into the words the C kernels read
+# ------------------------------------------------------------------------------------------------
+
+def pack_rows(qtype, iw):
+    """Integer weights (rows, n_in) -> packed array: uint32 words MSB-first, first input in the top bits,
+    each row starting a new word (zero bits pad the last one; the kernel stops at n_in). Ternary: uint16
+    groups of 10 trits, each stored as ceil(v * 65536 / 3^10) so that x3 yields the next trit in bits 16-17."""
+    iw = np.asarray(iw, dtype=np.int64)
+    rows, n_in = iw.shape
+    if qtype.name == 'Ternary':
+        trits = np.select([iw == 1, iw == -1], [0, 1], 2)
+        trits = np.pad(trits, ((0, 0), (0, -n_in % 10)), constant_values=2)
+        value = trits.reshape(rows, -1, 10) @ (3 ** np.arange(9, -1, -1))
+        return ((value * 65536 + 59048) // 59049).astype(np.uint16)
+    bits = int(qtype.bits)
+    per_word = 32 // bits
+    codes = qtype.encode(iw).astype(np.uint64)
+    codes = np.pad(codes, ((0, 0), (0, -n_in % per_word))).reshape(rows, -1, per_word)
+    shifts = (32 - bits * (np.arange(per_word) + 1)).astype(np.uint64)
+    return (codes << shifts).sum(axis=-1).astype(np.uint32)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Checkpoints: ours carry their config; the original BitNetMCU's are plain state_dicts
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
+
+
+def load_checkpoint(path, params=None, overrides=None):
+    """-> (model in eval mode, config, metrics or None). For the original project's checkpoints the
+    config comes from params/overrides, the layer widths from the tensor shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ExportError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                          "is it a PyTorch file, completely written?") from None
+    overrides = overrides or {}
+    if isinstance(obj, dict) and obj.get('format') == CHECKPOINT_FORMAT:
+        cfg = validate_config(obj['config'])
+        clash = {k: (v, cfg.get(k)) for k, v in overrides.items() if cfg.get(k) != v}
+        if clash:
+            raise ExportError(f"{path} was trained with " + ', '.join(f"{k}={old!r}" for k, (_, old) in clash.items())
+                              + "; it cannot be exported with " + ', '.join(f"{k}={new!r}" for k, (new, _) in clash.items()))
+        model = build_model(cfg, obj['num_classes'])
+        try:
+            model.load_state_dict(obj['state_dict'])
+        except RuntimeError as e:
+            raise ExportError(f"{path}: weights do not match its config: {str(e)[:300]}") from None
+        return model.eval(), cfg, obj.get('metrics')
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        model, cfg = _import_original(obj, path, params, overrides)
+        return model.eval(), cfg, None
+    raise ExportError(f"{path} is neither a BitNetMCU checkpoint nor a state_dict of tensors")
+
+
+def _import_original(state, path, params, overrides):
+    """The original BitNetMCU's layouts: fc1/fc2/fc3/fcl, model.N/classifier; with or without clipping `s`."""
+    weights = [(k[:-len('.weight')], v) for k, v in state.items() if k.endswith('.weight')]
+    convs = [(k, v) for k, v in weights if v.dim() == 4]
+    linears = [(k, v) for k, v in weights if v.dim() == 2]
+    if not 2 <= len(linears) <= 4 or len(weights) != len(convs) + len(linears):
+        raise ExportError(f"{path}: unrecognized layout {[k for k, _ in weights]}; expected fc1, fc2, [fc3], fcl "
+                          "(or model.N / classifier) weights")
+    cfg = load_config(params, overrides)
+    shape_keys = {'model': 'CNNMNIST' if convs else 'FCMNIST',
+                  'network_width1': linears[0][1].shape[0], 'network_width2': linears[1][1].shape[0],
+                  'network_width3': linears[2][1].shape[0] if len(linears) == 4 else 0}
+    if convs:
+        shape_keys['cnn_width'] = convs[0][1].shape[0]
+    clash = {k: v for k, v in shape_keys.items() if k in overrides and overrides[k] != v}
+    if clash:
+        raise ExportError(f"{path} holds " + ', '.join(f"{k}={v!r}" for k, v in clash.items())
+                          + "; --set says otherwise")
+    cfg.update(shape_keys)
+    model = build_model(cfg, linears[-1][1].shape[0])
+    layers = quant_layers(model)
+    if len(layers) != len(weights):
+        raise ExportError(f"{path}: {len(weights)} weight tensors, the {cfg['model']} config has {len(layers)} layers")
+    with torch.no_grad():
+        for (name, layer), (key, w) in zip(layers, convs + linears):
+            if layer.weight.shape != w.shape:
+                raise ExportError(f"{path}: {key}.weight has shape {tuple(w.shape)}, {name} needs "
+                                  f"{tuple(layer.weight.shape)}")
+            layer.weight.copy_(w)
+            s = state.get(key + '.s')
+            if s is None:   # v0.2 layout: s = mean|w| / quantscale
+                s = clipping_scalar(w, layer.qtype, 'prop', cfg['maxw_quantscale'], layer.per_output)
+            layer.s.copy_(s.flatten().expand_as(layer.s))
+    return model, cfg
 
 
 def describe_config():

@@ -20,11 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import (PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, describe_config,
+from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, describe_config,
                        load_config, parse_overrides, quant_layers, run_name)
 from dataset import DataError, augment, load_dataset, normalize
 
-CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
 MODEL_DIR = PROJECT_DIR / 'modeldata'
 RUNS_DIR = PROJECT_DIR / 'runs'
 
