@@ -616,33 +616,49 @@ def shiftnorm_relu(sums):
     return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
 
 
+def fc(x, weights):
+    """Fully connected: (N, n_in) @ (n_out, n_in)^T. float64 BLAS is exact here: every partial sum is an
+    integer far below 2^53."""
+    return np.rint(x.astype(np.float64) @ weights.T.astype(np.float64)).astype(np.int64)
+
+
+def conv3x3_relu(x, weights, shift):
+    """Per-channel 3x3 conv (no padding) + ReLU + right shift, as BitNetMCU_conv3x3_relu().
+    x (N, 1 or C, H, W), weights (C, 9): one input channel feeds all C outputs, else depthwise."""
+    n, _, h, w = x.shape
+    k = weights.reshape(1, -1, 3, 3)
+    acc = np.zeros((n, k.shape[1], h - 2, w - 2), dtype=np.int64)
+    for dy in range(3):
+        for dx in range(3):
+            acc += x[:, :, dy:dy + h - 2, dx:dx + w - 2] * k[:, :, dy, dx, None, None]
+    return acc, np.where(acc > 0, acc >> shift, 0)
+
+
+def maxpool2(x):
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
 INT32_MAX = 2 ** 31 - 1
 
 
 def reference_logits(int_model, images_int8):
-    """The integer reference engine: int8 images (N, 256) -> int32 logits (N, classes), batch-wise, bit-exact
-    with the C engine (int64 arithmetic here, checked to stay in int32 range as C requires)."""
+    """The integer reference engine: int8 images (N, 256) -> logits (N, classes), batch-wise, bit-exact with
+    the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
     x = np.asarray(images_int8, dtype=np.int64)
     size = int_model.input_size
     if any(op.kind == 'conv' for op in int_model.ops):
         x = x.reshape(len(x), 1, size, size)
     for op in int_model.ops:
         if op.kind == 'fc':
-            x = x @ op.weights.T
+            x = fc(x, op.weights)
         elif op.kind == 'shiftnorm':
             x = shiftnorm_relu(x.reshape(len(x), -1))
         elif op.kind == 'conv':
-            n, _, h, w = x.shape
-            k = op.weights.reshape(1, -1, 3, 3)
-            acc = np.zeros((n, k.shape[1], h - 2, w - 2), dtype=np.int64)
-            for dy in range(3):
-                for dx in range(3):
-                    acc += x[:, :, dy:dy + h - 2, dx:dx + w - 2] * k[:, :, dy, dx, None, None]
+            acc, x = conv3x3_relu(x, op.weights, op.shift)
             _check_int32(acc, op)
-            x = np.where(acc > 0, acc >> op.shift, 0)
         elif op.kind == 'maxpool':
-            n, c, h, w = x.shape
-            x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+            x = maxpool2(x)
         _check_int32(x, op)
     return x
 
@@ -696,6 +712,7 @@ def load_checkpoint(path, params=None, overrides=None):
     overrides = overrides or {}
     if isinstance(obj, dict) and obj.get('format') == CHECKPOINT_FORMAT:
         cfg = validate_config(obj['config'])
+        validate_config({**cfg, **overrides})   # an invalid --set value is named as such first
         clash = {k: (v, cfg.get(k)) for k, v in overrides.items() if cfg.get(k) != v}
         if clash:
             raise ExportError(f"{path} was trained with " + ', '.join(f"{k}={old!r}" for k, (_, old) in clash.items())

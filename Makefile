@@ -10,10 +10,12 @@ PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
 
-.PHONY: all setup data train test bench clean help
+.PHONY: all setup data train export verify ctest test bench clean help
 .DEFAULT_GOAL := all
+CC ?= cc
+CFLAGS ?= -std=c99 -Wall -Wextra -Wpedantic -Werror -O2
 
-all: train  ## main job: set up, fetch data, train the default model
+all: verify ctest  ## main job: set up, fetch data, train the default model, export it, verify C against Python
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,6 +24,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	command -v clang >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q clang >/dev/null; } \
+		|| echo "note: clang not found (tests compile the engine with gcc and clang); install it" >&2
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with the requirements
@@ -34,11 +38,25 @@ data: $(DATA_STAMP)  ## fetch, verify and preprocess MNIST
 train: $(DATA_STAMP)  ## train the model of $(PARAMS) (skipped when its checkpoint exists)
 	$(PY) training.py --params $(PARAMS) --skip-existing
 
+export: train  ## write BitNetMCU_model.h from the trained model
+	$(PY) exportquant.py --params $(PARAMS)
+
+verify: export  ## C engine vs Python reference on all 10,000 test images; writes the test-data header
+	$(PY) test_inference.py --params $(PARAMS)
+
+ctest: BitNetMCU_MNIST_test_data.h  ## build and run the host C test program
+	mkdir -p build
+	$(CC) $(CFLAGS) -I. BitNetMCU_MNIST_test.c BitNetMCU_inference.c -o build/BitNetMCU_MNIST_test
+	build/BitNetMCU_MNIST_test
+
+BitNetMCU_MNIST_test_data.h:
+	$(MAKE) verify
+
 test: $(DATA_STAMP)  ## run the test suite
 	$(PY) -m pytest -q tests
 
 bench: $(DATA_STAMP)  ## training speed benchmark
 	$(PY) bench/train_speed.py
 
-clean:  ## remove caches and run logs (keeps .venv, data and modeldata)
-	rm -rf runs .pytest_cache .hypothesis
+clean:  ## remove caches, builds and run logs (keeps .venv, data and modeldata)
+	rm -rf runs build .pytest_cache .hypothesis

@@ -1,0 +1,299 @@
+"""Export a trained model to BitNetMCU_model.h for the C engine.
+
+    python exportquant.py                                 # model of trainingparameters.yaml
+    python exportquant.py --checkpoint modeldata/x.pth --output mcu/models/x.h --plots plots/
+    python exportquant.py --checkpoint original.pth --set QuantType=4bitsym   # original BitNetMCU file
+
+Prints a summary (per layer: type, shape, bits, bytes; the RAM the C engine needs), weight statistics,
+and the accuracy of the float model and of the integer model on the MNIST test set.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from BitNetMCU import (PROJECT_DIR, ConfigError, ExportError, encode_input, load_checkpoint, load_config,
+                       pack_rows, parse_overrides, reference_logits, run_name, to_int_model)
+from dataset import DataError, load_dataset, normalize
+
+DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
+C_TYPE = {np.uint32: ('uint32_t', 8, '0x{:08x}'), np.uint16: ('uint16_t', 12, '0x{:04x}'),
+          np.int8: ('int8_t', 16, '{:d}')}
+
+
+def add_model_arguments(parser):
+    """The arguments exportquant.py and test_inference.py share to find a model."""
+    parser.add_argument('--params', default=None, help='YAML config (default: trainingparameters.yaml)')
+    parser.add_argument('--checkpoint', default=None,
+                        help='model file (default: modeldata/<run name of --params>.pth)')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='config override; for checkpoints without a config (the original project\'s)')
+
+
+def load_model_from_args(args):
+    """(model, config, metrics, checkpoint path) from --params/--checkpoint/--set."""
+    overrides = parse_overrides(args.set)
+    path = args.checkpoint
+    if path is None:
+        path = PROJECT_DIR / 'modeldata' / f'{run_name(load_config(args.params, overrides))}.pth'
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist: train it first (python training.py"
+                              f"{' --params ' + args.params if args.params else ''}), or pass --checkpoint")
+    model, cfg, metrics = load_checkpoint(path, args.params, overrides)
+    return model, cfg, metrics, Path(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics and summary
+# ------------------------------------------------------------------------------------------------
+
+def weight_stats(op):
+    codes, counts = np.unique(op.weights, return_counts=True)
+    p = counts / counts.sum()
+    entropy = float(-(p * np.log2(p)).sum())
+    return {'min': int(op.weights.min()), 'max': int(op.weights.max()), 'mean': float(op.weights.mean()),
+            'std': float(op.weights.std()), 'codes': dict(zip(codes.tolist(), counts.tolist())),
+            'entropy': entropy, 'capacity': entropy / op.qtype.bits}
+
+
+def layer_table(int_model):
+    """Rows of (name, kind, shape, type, bits/weight, weight bytes) and the RAM the C engine needs."""
+    rows, ram = [], 0
+    for op in int_model.weight_ops():
+        nbytes = pack_rows(op.qtype, op.weights).nbytes if op.kind == 'fc' else op.weights.size
+        shape = f"{op.weights.shape[1]} -> {op.weights.shape[0]}" if op.kind == 'fc' else \
+            f"3x3 x {op.weights.shape[0]} ch"
+        bits = op.qtype.bits if op.kind == 'fc' else 8
+        rows.append((op.name, op.kind, shape, op.qtype.name, bits, nbytes))
+    return rows, activation_ram(int_model)
+
+
+def activation_ram(int_model):
+    """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see write_header)."""
+    plan = buffer_plan(int_model)
+    return 4 * (plan['image'] + 2 * plan['conv'] + plan['features'] + plan['sums']) + plan['act']
+
+
+def print_summary(int_model, log=print):
+    rows, ram = layer_table(int_model)
+    log(f"{'layer':12s} {'kind':5s} {'shape':>16s} {'type':>8s} {'bits':>5s} {'bytes':>7s}")
+    for name, kind, shape, qtype, bits, nbytes in rows:
+        log(f"{name:12s} {kind:5s} {shape:>16s} {qtype:>8s} {bits:>5} {nbytes:7d}")
+    log(f"{'total':12s} {'':5s} {'':>16s} {'':>8s} {'':>5s} {sum(r[5] for r in rows):7d}"
+        f"   weights; activation buffers (RAM): {ram} bytes")
+    for op in int_model.weight_ops():
+        st = weight_stats(op)
+        log(f"  {op.name:12s} {op.qtype.name:8s} min {st['min']:4d} max {st['max']:4d} mean {st['mean']:6.2f} "
+            f"std {st['std']:6.2f} entropy {st['entropy']:.2f} bits ({100 * st['capacity']:.0f}% of capacity)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Header
+# ------------------------------------------------------------------------------------------------
+
+def c_array(name, array):
+    ctype, per_line, fmt = C_TYPE[array.dtype.type]
+    flat = array.flatten()
+    lines = [', '.join(fmt.format(int(v)) for v in flat[i:i + per_line]) for i in range(0, len(flat), per_line)]
+    return f"static const {ctype} {name}[{len(flat)}] = {{\n    " + ',\n    '.join(lines) + "\n};\n"
+
+
+C_ENUM = {'Binary': 'BITNETMCU_BINARY', 'Ternary': 'BITNETMCU_TERNARY', '2bitsym': 'BITNETMCU_2BITSYM',
+          '4bitsym': 'BITNETMCU_4BITSYM', '4bit': 'BITNETMCU_4BIT', '8bit': 'BITNETMCU_8BIT',
+          'FP130': 'BITNETMCU_FP130', 'NF4': 'BITNETMCU_NF4'}
+
+
+def split_ops(int_model):
+    """(the per-channel conv/maxpool stack, the rest: ShiftNorms and fully connected layers)."""
+    ops = list(int_model.ops)
+    n = next((i for i, op in enumerate(ops) if op.kind not in ('conv', 'maxpool')), len(ops))
+    return ops[:n], ops[n:]
+
+
+def buffer_plan(int_model):
+    """Sizes (in elements) of the buffers the generated function needs."""
+    stack, rest = split_ops(int_model)
+    fcs = [op for op in rest if op.kind == 'fc']
+    size, biggest = int_model.input_size, 0
+    for op in stack:
+        size = size - 2 if op.kind == 'conv' else size // 2
+        biggest = max(biggest, size * size)
+    fed_by_act = fcs if stack else fcs[1:]
+    return {'image': int_model.input_size ** 2 if stack else 0, 'conv': biggest,
+            'features': stack[0].weights.shape[0] * size * size if stack else 0, 'final_size': size,
+            'sums': max((op.weights.shape[0] for op in fcs[:-1]), default=0),
+            'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
+
+
+def infer_function(int_model, arrays):
+    """C source of BitNetMCU_model_infer(): the kernels in the order of int_model.ops."""
+    plan = buffer_plan(int_model)
+    stack, rest = split_ops(int_model)
+    lines = []
+    if plan['sums']:
+        lines.append(f"    int32_t sums[{plan['sums']}];")
+    if plan['act']:
+        lines.append(f"    int8_t act[{plan['act']}];")
+    source, count = 'input', None
+    if stack:
+        # Depthwise after the first conv: each channel runs through the whole stack on its own,
+        # so only one channel's intermediate maps are ever in RAM.
+        convs = [op for op in stack if op.kind == 'conv']
+        channels = convs[0].weights.shape[0]
+        lines += [f"    int32_t image[{plan['image']}], buf_a[{plan['conv']}], buf_b[{plan['conv']}];",
+                  f"    int32_t features[{plan['features']}], *feature = features;",
+                  "    " + 'const int8_t ' + ', '.join(f"*w{i} = {arrays[id(op)]}" for i, op in enumerate(convs)) + ';',
+                  f"    for (uint32_t i = 0; i < {plan['image']}u; i++)",
+                  "        image[i] = input[i];",
+                  f"    for (uint32_t c = 0; c < {channels}u; c++, "
+                  + ''.join(f"w{i} += 9, " for i in range(len(convs)))
+                  + f"feature += {plan['final_size'] ** 2}) {{"]
+        size, src, k = int_model.input_size, 'image', 0
+        for i, op in enumerate(stack):
+            dst = 'feature' if i == len(stack) - 1 else ('buf_b' if src == 'buf_a' else 'buf_a')
+            if op.kind == 'conv':
+                lines.append(f"        BitNetMCU_conv3x3_relu({src}, {size}u, w{k}, {op.shift}u, {dst});")
+                size, k = size - 2, k + 1
+            else:
+                lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")
+                size //= 2
+            src = dst
+        lines.append("    }")
+        source, count = 'features', plan['features']
+    for i, op in enumerate(rest):
+        if op.kind == 'shiftnorm':
+            lines.append(f"    BitNetMCU_shiftnorm_relu({source}, act, {count}u);")
+            source = 'act'
+        elif op.kind == 'fc':
+            n_out, n_in = op.weights.shape
+            out = 'logits' if i == len(rest) - 1 else 'sums'
+            lines.append(f"    BitNetMCU_fc({source}, {n_in}u, {arrays[id(op)]}, {C_ENUM[op.qtype.name]}, "
+                         f"{out}, {n_out}u);")
+            source, count = out, n_out
+        else:
+            raise ExportError(f"{op.name}: a {op.kind} after the fully connected layers has no kernel")
+    lines.append(f"    return BitNetMCU_argmax(logits, {int_model.num_classes}u);")
+    return ("/* Runs the network on one int8 image (row-major 16x16); fills logits, returns the class. */\n"
+            "static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logits)\n{\n"
+            + '\n'.join(lines) + "\n}\n")
+
+
+def header_text(int_model, source_name):
+    arrays, parts = {}, []
+    for index, op in enumerate(int_model.weight_ops()):
+        name = f"BitNetMCU_layer{index}_weights"
+        arrays[id(op)] = name
+        if op.kind == 'fc':
+            packed = pack_rows(op.qtype, op.weights)
+            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}"
+        else:
+            packed = op.weights.astype(np.int8)
+            desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"
+        parts.append(f"/* {op.name}: {desc} */\n" + c_array(name, packed))
+    fcs = [op for op in int_model.ops if op.kind == 'fc']
+    rows, ram = layer_table(int_model)
+    return (f"/* BitNetMCU_model.h: generated by exportquant.py from {source_name}. Do not edit.\n"
+            f" * Weights: {sum(r[5] for r in rows)} bytes; activation buffers on the stack: {ram} bytes. */\n"
+            "#ifndef BITNETMCU_MODEL_H\n#define BITNETMCU_MODEL_H\n\n"
+            "#include <stdint.h>\n#include \"BitNetMCU_inference.h\"\n\n"
+            f"#define BITNETMCU_MODEL_INPUT_SIZE {int_model.input_size}\n"
+            f"#define BITNETMCU_MODEL_INPUTS {int_model.input_size ** 2}\n"
+            f"#define BITNETMCU_MODEL_CLASSES {int_model.num_classes}\n"
+            f"#define BITNETMCU_MODEL_LAYERS {len(int_model.weight_ops())}\n"
+            f"#define BITNETMCU_MODEL_FIRST_FC_INPUTS {fcs[0].weights.shape[1]}\n\n"
+            + '\n'.join(parts) + '\n' + infer_function(int_model, arrays) + "\n#endif\n")
+
+
+def atomic_write_text(path, text):
+    """Write text to a temporary file beside path, then rename: no partial header is ever left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy and plots
+# ------------------------------------------------------------------------------------------------
+
+def evaluate_models(model, int_model, data):
+    """Float and integer accuracy on the full test set, and how many images they disagree on."""
+    x, y = normalize(data['test_x16']), data['test_y'].numpy()
+    with torch.no_grad():
+        float_pred = model.eval()(x).argmax(1).numpy()
+    int_pred = reference_logits(int_model, encode_input(x)).argmax(1)
+    return {'float_acc': float((float_pred == y).mean()), 'int_acc': float((int_pred == y).mean()),
+            'disagree': int((float_pred != int_pred).sum()), 'n': len(y)}
+
+
+def write_plots(int_model, directory, log=print):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ops = int_model.weight_ops()
+    fig, axes = plt.subplots(1, len(ops), figsize=(3 * len(ops), 2.6), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        codes, counts = np.unique(op.weights, return_counts=True)
+        ax.bar(codes, counts, width=0.8 * (np.diff(codes).min() if len(codes) > 1 else 1))
+        ax.set_title(f"{op.name}\n{op.qtype.name}, {weight_stats(op)['entropy']:.2f} bits", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(directory / 'weight_histograms.png', dpi=120)
+    plt.close(fig)
+    first = ops[0]
+    if first.kind == 'fc' and first.weights.shape[1] == 256:
+        n = first.weights.shape[0]
+        cols = int(np.ceil(np.sqrt(n)))
+        fig, axes = plt.subplots(int(np.ceil(n / cols)), cols, figsize=(cols, np.ceil(n / cols)), squeeze=False)
+        limit = np.abs(first.weights).max()
+        for i, ax in enumerate(axes.flat):
+            ax.axis('off')
+            if i < n:
+                ax.imshow(first.weights[i].reshape(16, 16), cmap='RdBu_r', vmin=-limit, vmax=limit)
+        fig.suptitle(f"{first.name}: weights of each output as 16x16 tiles", fontsize=9)
+        fig.savefig(directory / 'first_layer_tiles.png', dpi=120)
+        plt.close(fig)
+    log(f"Plots written to {directory}/")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument('--output', default=str(DEFAULT_OUTPUT), help='header to write (default: %(default)s)')
+    parser.add_argument('--plots', default=None, metavar='DIR', help='write weight histograms and tiles (PNG)')
+    parser.add_argument('--no-eval', action='store_true', help='skip the test-set accuracy report')
+    args = parser.parse_args(argv)
+    try:
+        model, cfg, metrics, path = load_model_from_args(args)
+        int_model = to_int_model(model)
+        print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
+        print_summary(int_model)
+        atomic_write_text(args.output, header_text(int_model, path.name))
+        print(f"Wrote {args.output}")
+        if args.plots:
+            write_plots(int_model, args.plots)
+        if not args.no_eval:
+            r = evaluate_models(model, int_model, load_dataset(cfg['dataset']))
+            print(f"Test accuracy on {r['n']} images: float model {100 * r['float_acc']:.2f}%, integer model "
+                  f"{100 * r['int_acc']:.2f}%; they disagree on {r['disagree']} images")
+    except (ConfigError, ExportError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Property tests: every C kernel against its Python twin, on random sizes, weights and int8 inputs
+(including the extremes). The same tests run again under AddressSanitizer + UndefinedBehaviorSanitizer."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from BitNetMCU import NF4_LEVELS_INT8, QUANT_TYPES, conv3x3_relu, fc, maxpool2, pack_rows, shiftnorm_relu
+from conftest import ROOT
+from test_inference import build_engine
+
+SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
+C_ENUM = {'Binary': 1, 'Ternary': 2, '2bitsym': 3, '4bitsym': 4, '4bit': 5, '8bit': 6, 'FP130': 7, 'NF4': 8}
+INT_LEVELS = {   # the integers each type's kernel multiplies by
+    'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3],
+    '4bitsym': list(range(-15, 16, 2)), '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
+    'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF4': NF4_LEVELS_INT8,
+}
+settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile('kernels')
+
+
+@pytest.fixture(scope='module')
+def engine():
+    return build_engine(sanitize=SANITIZE, log=lambda *a: None)
+
+
+def int8_vectors(n):
+    """Random int8 vectors, plus the extremes: all zero, all -128, all 127."""
+    return st.one_of(st.just(np.zeros(n, np.int8)), st.just(np.full(n, -128, np.int8)),
+                     st.just(np.full(n, 127, np.int8)),
+                     st.lists(st.integers(-128, 127), min_size=n, max_size=n).map(lambda v: np.array(v, np.int8)))
+
+
+@st.composite
+def fc_cases(draw):
+    qtype = draw(st.sampled_from(list(C_ENUM)))
+    n_in, n_out = draw(st.integers(1, 300)), draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    weights = np.random.default_rng(seed).choice(INT_LEVELS[qtype], size=(n_out, n_in))
+    if draw(st.booleans()):   # extreme weights: all at the largest magnitude of the type
+        weights[:] = INT_LEVELS[qtype][0]
+    return qtype, weights, draw(int8_vectors(n_in))
+
+
+@given(fc_cases())
+def test_fc_matches_python_for_every_type(engine, case):
+    ffi, lib = engine
+    qtype, weights, x = case
+    packed = np.ascontiguousarray(pack_rows(QUANT_TYPES[qtype], weights))
+    out = np.zeros(len(weights), np.int32)
+    lib.BitNetMCU_fc(ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed), C_ENUM[qtype],
+                     ffi.from_buffer('int32_t[]', out), len(weights))
+    assert np.array_equal(out, fc(x[None].astype(np.int64), weights)[0])
+
+
+@given(st.integers(1, 300).flatmap(lambda n: st.one_of(
+    st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=n, max_size=n),
+    st.lists(st.integers(-2000, 2000), min_size=n, max_size=n),
+    st.just([2 ** 31 - 1] * n), st.just([0] * n), st.just([-5] * n))))
+def test_shiftnorm_matches_python(engine, values):
+    ffi, lib = engine
+    x = np.array(values, np.int32)
+    out = np.zeros(len(x), np.int8)
+    shift = lib.BitNetMCU_shiftnorm_relu(ffi.from_buffer('int32_t[]', x), ffi.from_buffer('int8_t[]', out), len(x))
+    expected = shiftnorm_relu(x[None].astype(np.int64))[0]
+    assert np.array_equal(out, expected)
+    peak = int(x.max())
+    assert shift == 0 if peak <= 127 else (peak >> shift) <= 127 < (peak >> (shift - 1))
+
+
+@given(st.integers(3, 16), st.integers(0, 7), st.integers(0, 2 ** 32 - 1), st.sampled_from([127, 2 ** 15, 2 ** 20]))
+def test_conv3x3_matches_python(engine, size, shift, seed, magnitude):
+    ffi, lib = engine
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-magnitude, magnitude + 1, (size, size)).astype(np.int32)
+    w = rng.integers(-128, 128, 9).astype(np.int8)
+    out = np.zeros((size - 2) ** 2, np.int32)
+    lib.BitNetMCU_conv3x3_relu(ffi.from_buffer('int32_t[]', x), size, ffi.from_buffer('int8_t[]', w), shift,
+                               ffi.from_buffer('int32_t[]', out))
+    _, expected = conv3x3_relu(x[None, None].astype(np.int64), w[None].astype(np.int64), shift)
+    assert np.array_equal(out, expected.flatten())
+
+
+@given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
+def test_maxpool_and_argmax_match_python(engine, half, seed):
+    ffi, lib = engine
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2 ** 31, 2 ** 31, (2 * half, 2 * half)).astype(np.int32)
+    out = np.zeros(half * half, np.int32)
+    lib.BitNetMCU_maxpool2(ffi.from_buffer('int32_t[]', x), 2 * half, ffi.from_buffer('int32_t[]', out))
+    assert np.array_equal(out, maxpool2(x[None, None].astype(np.int64)).flatten())
+    ties = rng.integers(0, 3, 2 * half).astype(np.int32)   # many ties: the first maximum wins, as numpy
+    assert lib.BitNetMCU_argmax(ffi.from_buffer('int32_t[]', ties), len(ties)) == int(np.argmax(ties))
+
+
+def test_ternary_packing_decodes_every_group():
+    # All 3^10 groups of 10 trits survive the ceil(v * 65536 / 3^10) encoding.
+    digits = (np.arange(3 ** 10)[:, None] // 3 ** np.arange(9, -1, -1)) % 3
+    weights = np.choose(digits, [1, -1, 0])
+    packed = pack_rows(QUANT_TYPES['Ternary'], weights).astype(np.int64).flatten()
+    frac, decoded = packed.copy(), []
+    for _ in range(10):
+        frac = frac * 3
+        decoded.append(frac >> 16)
+        frac &= 0xFFFF
+    assert np.array_equal(np.stack(decoded, 1), digits)
+
+
+@pytest.mark.skipif(SANITIZE, reason='this is the test that starts the sanitizer run')
+def test_kernels_are_clean_under_address_and_undefined_behavior_sanitizers():
+    libasan = subprocess.run(['gcc', '-print-file-name=libasan.so'], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, BITNETMCU_SANITIZE='1', LD_PRELOAD=libasan,
+               ASAN_OPTIONS='detect_leaks=0', UBSAN_OPTIONS='print_stacktrace=1')
+    out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'passed' in out.stdout and 'runtime error' not in out.stderr and 'AddressSanitizer' not in out.stderr
