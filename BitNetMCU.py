@@ -555,6 +555,7 @@ class IntModel:
     ops: list
     num_classes: int
     input_size: int = 16
+    layout: str = 'input-major'    # how the header packs fully connected weights (see pack_layer)
 
     def weight_ops(self):
         return [op for op in self.ops if op.weights is not None]
@@ -689,6 +690,23 @@ def pack_rows(qtype, iw):
     codes = np.pad(codes, ((0, 0), (0, -n_in % per_word))).reshape(rows, -1, per_word)
     shifts = (32 - bits * (np.arange(per_word) + 1)).astype(np.uint64)
     return (codes << shifts).sum(axis=-1).astype(np.uint32)
+
+
+LAYOUTS = ('input-major', 'output-major')
+
+
+def pack_layer(qtype, iw, layout='input-major'):
+    """(packed weights, C kernel name, outputs the kernel writes) of one fully connected layer.
+    input-major (fast, the default): for each input the codes of all outputs; the kernel writes n_out
+    rounded up to a whole word of codes. output-major: the original BitNetMCU layout. Ternary has only
+    its row layout."""
+    if layout not in LAYOUTS:
+        raise ExportError(f"weight layout {layout!r} is not one of {list(LAYOUTS)}")
+    n_out = iw.shape[0]
+    if qtype.name == 'Ternary' or layout == 'output-major':
+        return pack_rows(qtype, iw), f'BitNetMCU_fc_rows_{qtype.name}', n_out
+    per_word = 32 // int(qtype.bits)
+    return pack_rows(qtype, np.asarray(iw).T), f'BitNetMCU_fc_{qtype.name}', -(-n_out // per_word) * per_word
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,126 +7,187 @@
 const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
                                          10, 20, 31, 43, 56, 71, 92, 127};
 
+/* The packed types. The generic kernels below are inlined into one function per type with a
+ * constant type, so every switch on it folds away: a model links only the code of its own types
+ * (and a multiplier-free type never links a multiply). */
+#if defined(__GNUC__)
+#define SPECIALIZE static inline __attribute__((always_inline))
+#else
+#define SPECIALIZE static inline
+#endif
+enum qtype { BINARY, TWOBITSYM, FOURBITSYM, FOURBIT, EIGHTBIT, FP130, NF4 };
+
 /* a * 2^k. Shifting a negative signed value left is undefined in C; the unsigned shift is not. */
-static int32_t shl(int32_t a, uint32_t k)
+SPECIALIZE int32_t shl(int32_t a, uint32_t k)
 {
     return (int32_t)((uint32_t)a << k);
 }
 
-/* a * (2m + 1) for m in 0..7, by shifts and adds when there is no multiplier. */
-static int32_t times_odd(int32_t a, uint32_t m)
+SPECIALIZE uint32_t log2_bits(enum qtype t)
 {
-#ifdef BITNETMCU_NO_MUL
-    int32_t r = a;
-    if (m & 1u) r += shl(a, 1);
-    if (m & 2u) r += shl(a, 2);
-    if (m & 4u) r += shl(a, 3);
-    return r;
-#else
-    return a * (int32_t)(2u * m + 1u);
-#endif
+    return t == BINARY ? 0u : t == TWOBITSYM ? 1u : t == EIGHTBIT ? 3u : 2u;
 }
 
-/* One output row: the dot product of the input with the row's packed weights. */
-static int32_t dot_packed(const int8_t *in, uint32_t n, const uint32_t *w, uint32_t bits,
-                          enum BitNetMCU_qtype qtype)
+/* a times the weight that `code` stands for. Only 8bit and NF4 multiply. */
+SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
 {
-    int32_t sum = 0;
-    uint32_t word = 0, left = 0;
-    uint32_t mask = (1u << bits) - 1u;
-    for (uint32_t i = 0; i < n; i++) {
-        if (left == 0) {
-            word = *w++;
-            left = 32;
+    int32_t v = 0;
+    switch (t) {
+    case BINARY:
+        return code ? a : -a;
+    case TWOBITSYM:
+        v = (code & 1u) ? a + a + a : a;
+        return (code & 2u) ? -v : v;
+    case FOURBITSYM:   /* (2m + 1) * a by shifts and adds */
+        v = a;
+        if (code & 1u) v += shl(a, 1);
+        if (code & 2u) v += shl(a, 2);
+        if (code & 4u) v += shl(a, 3);
+        return (code & 8u) ? -v : v;
+    case FOURBIT:      /* two's complement: -8 b3 + 4 b2 + 2 b1 + b0 */
+        if (code & 1u) v += a;
+        if (code & 2u) v += shl(a, 1);
+        if (code & 4u) v += shl(a, 2);
+        if (code & 8u) v -= shl(a, 3);
+        return v;
+    case EIGHTBIT:
+        return a * (int32_t)(int8_t)code;
+    case FP130:
+        v = shl(a, code & 7u);
+        return (code & 8u) ? -v : v;
+    case NF4:
+        return a * BitNetMCU_nf4_levels[code];
+    }
+    return 0;
+}
+
+/* Output-major (original) layout: one dot product per output row. */
+SPECIALIZE void fc_rows(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
+                           enum qtype t)
+{
+    uint32_t bits = 1u << log2_bits(t);
+    for (uint32_t o = 0; o < n_out; o++) {
+        int32_t sum = 0;
+        uint32_t word = 0, left = 0;
+        for (uint32_t i = 0; i < n_in; i++) {
+            if (left == 0) {
+                word = *w++;
+                left = 32;
+            }
+            left -= bits;
+            sum += times_code(in[i], (word >> left) & ((1u << bits) - 1u), t);
         }
-        left -= bits;
-        uint32_t code = (word >> left) & mask;
+        sums[o] = sum;
+    }
+}
+
+/* The products of activation a with every code of the type, built once per non-zero input. */
+SPECIALIZE void build_table(int32_t a, int32_t *table, enum qtype t)
+{
+    int32_t v = a, step = a + a;
+    switch (t) {
+    case FOURBITSYM:   /* a, 3a, 5a, ... 15a and their negatives */
+        for (uint32_t m = 0; m < 8u; m++, v += step) {
+            table[m] = v;
+            table[m | 8u] = -v;
+        }
+        break;
+    case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
+        for (uint32_t m = 0, v0 = 0; m < 8u; m++) {
+            table[m] = (int32_t)v0;
+            table[m | 8u] = (int32_t)v0 - shl(a, 3);
+            v0 += (uint32_t)a;
+        }
+        break;
+    case FP130:        /* a, 2a, 4a, ... 128a and their negatives */
+        for (uint32_t e = 0; e < 8u; e++, v += v) {
+            table[e] = v;
+            table[e | 8u] = -v;
+        }
+        break;
+    default:           /* Binary, 2bitsym: 2 or 4 entries; NF4: 16 products */
+        for (uint32_t code = 0; code < (1u << (1u << log2_bits(t))); code++)
+            table[code] = times_code(a, code, t);
+        break;
+    }
+}
+
+/* table entry for the 4-bit code at bit position `pos` of word: the code x 4 is a byte offset. */
+#define TABLE4(word, pos) (*(const int32_t *)((const char *)table + (((word) >> (pos)) & 0x3Cu)))
+
+/* Input-major layout: each non-zero input adds its products to all outputs, one table look-up each. */
+SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
+                           enum qtype t)
+{
+    uint32_t shift = log2_bits(t), bits = 1u << shift;
+    uint32_t words = (n_out + (32u >> shift) - 1u) >> (5u - shift);
+    uint32_t slots = words << (5u - shift);
+    int32_t table[16];
+    for (uint32_t o = 0; o < slots; o++) sums[o] = 0;
+    for (uint32_t i = 0; i < n_in; i++) {
         int32_t a = in[i];
-        switch (qtype) {
-        case BITNETMCU_BINARY:
-            sum += code ? a : -a;
-            break;
-        case BITNETMCU_2BITSYM: {
-            int32_t v = (code & 1u) ? a + a + a : a;
-            sum += (code & 2u) ? -v : v;
-            break;
+        if (a == 0) {
+            w += words;
+            continue;
         }
-        case BITNETMCU_4BITSYM: {
-            int32_t v = times_odd(a, code & 7u);
-            sum += (code & 8u) ? -v : v;
-            break;
+        if (t != EIGHTBIT) build_table(a, table, t);
+        int32_t *s = sums;
+        for (uint32_t k = 0; k < words; k++) {
+            uint32_t word = *w++;
+            if (bits == 4u) {   /* the common case, unrolled: per weight a shift, a mask, two loads, an add, a store */
+                s[0] += TABLE4(word, 26);
+                s[1] += TABLE4(word, 22);
+                s[2] += TABLE4(word, 18);
+                s[3] += TABLE4(word, 14);
+                s[4] += TABLE4(word, 10);
+                s[5] += TABLE4(word, 6);
+                s[6] += TABLE4(word, 2);
+                s[7] += *(const int32_t *)((const char *)table + ((word << 2) & 0x3Cu));
+                s += 8;
+                continue;
+            }
+            for (uint32_t j = 0; j < (32u >> shift); j++, word <<= bits) {
+                uint32_t code = word >> (32u - bits);
+                *s++ += t == EIGHTBIT ? a * (int32_t)(int8_t)code : table[code];
+            }
         }
-        case BITNETMCU_FP130: {
-            int32_t v = shl(a, code & 7u);
-            sum += (code & 8u) ? -v : v;
-            break;
-        }
-        case BITNETMCU_4BIT:
-            sum += a * ((int32_t)(code ^ 8u) - 8);
-            break;
-        case BITNETMCU_8BIT:
-            sum += a * (int32_t)(int8_t)code;
-            break;
-        case BITNETMCU_NF4:
-            sum += a * BitNetMCU_nf4_levels[code];
-            break;
-        default: /* BITNETMCU_TERNARY is handled by dot_ternary() */
-            break;
-        }
-    }
-    return sum;
-}
-
-/* Ternary: each uint16_t holds 10 trits as ceil(v * 65536 / 3^10); multiplying the fraction by 3
- * moves the next trit into bits 16-17. Rows are padded to a multiple of 10 inputs. */
-static int32_t dot_ternary(const int8_t *in, uint32_t n, const uint16_t *w)
-{
-    int32_t sum = 0;
-    uint32_t frac = 0, left = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (left == 0) {
-            frac = *w++;
-            left = 10;
-        }
-        left--;
-        frac = (frac << 1) + frac; /* x3 without a multiply */
-        uint32_t trit = frac >> 16;
-        frac &= 0xFFFFu;
-        if (trit == 0u)
-            sum += in[i];
-        else if (trit == 1u)
-            sum -= in[i];
-    }
-    return sum;
-}
-
-/* log2 of the bits per packed weight. */
-static uint32_t log2_bits(enum BitNetMCU_qtype qtype)
-{
-    switch (qtype) {
-    case BITNETMCU_BINARY: return 0;
-    case BITNETMCU_2BITSYM: return 1;
-    case BITNETMCU_8BIT: return 3;
-    default: return 2;
     }
 }
 
-void BitNetMCU_fc(const int8_t *input, uint32_t n_in, const void *weights, enum BitNetMCU_qtype qtype,
-                  int32_t *output, uint32_t n_out)
+#define BITNETMCU_FC_TYPE(name, t)                                                                   \
+    BITNETMCU_FC_KERNEL(BitNetMCU_fc_##name) { fc_columns(input, n_in, weights, sums, n_out, t); } \
+    BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, t); }
+BITNETMCU_FC_TYPE(Binary, BINARY)
+BITNETMCU_FC_TYPE(2bitsym, TWOBITSYM)
+BITNETMCU_FC_TYPE(4bitsym, FOURBITSYM)
+BITNETMCU_FC_TYPE(4bit, FOURBIT)
+BITNETMCU_FC_TYPE(8bit, EIGHTBIT)
+BITNETMCU_FC_TYPE(FP130, FP130)
+BITNETMCU_FC_TYPE(NF4, NF4)
+
+/* Ternary: 10 trits per uint16_t as a base-3 fraction; x3 moves the next trit into bits 16-17. */
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)
 {
-    if (qtype == BITNETMCU_TERNARY) {
-        const uint16_t *w = (const uint16_t *)weights;
-        uint32_t groups = 0;
-        for (uint32_t i = 0; i < n_in; i += 10u) groups++; /* (n_in + 9) / 10 without a divide */
-        for (uint32_t o = 0; o < n_out; o++, w += groups)
-            output[o] = dot_ternary(input, n_in, w);
-        return;
+    const uint16_t *w = weights;
+    for (uint32_t o = 0; o < n_out; o++) {
+        int32_t sum = 0;
+        uint32_t frac = 0, left = 0;
+        for (uint32_t i = 0; i < n_in; i++) {
+            if (left == 0) {
+                frac = *w++;
+                left = 10;
+            }
+            left--;
+            frac = (frac << 1) + frac; /* x3 without a multiply */
+            uint32_t trit = frac >> 16;
+            frac &= 0xFFFFu;
+            if (trit == 0u)
+                sum += input[i];
+            else if (trit == 1u)
+                sum -= input[i];
+        }
+        sums[o] = sum;
     }
-    const uint32_t *w = (const uint32_t *)weights;
-    uint32_t shift = log2_bits(qtype);
-    uint32_t words = ((n_in << shift) + 31u) >> 5;
-    for (uint32_t o = 0; o < n_out; o++, w += words)
-        output[o] = dot_packed(input, n_in, w, 1u << shift, qtype);
 }
 
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)

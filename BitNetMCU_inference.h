@@ -5,9 +5,9 @@
  * A generated model header (exportquant.py -> BitNetMCU_model.h) holds the weights and one
  * function, BitNetMCU_model_infer(), that calls these kernels in order.
  *
- * Multiplier-free: with BITNETMCU_NO_MUL defined (automatic on RISC-V cores without a
- * multiplier, e.g. RV32EC on the CH32V003), the Binary, Ternary, 2bitsym, 4bitsym and FP130
- * kernels use only shifts and adds. 4bit, 8bit and NF4 multiply in every build.
+ * Multiplier-free: with BITNETMCU_NO_MUL defined (automatic on RISC-V cores without a multiplier,
+ * e.g. RV32EC on the CH32V003), the Binary, Ternary, 2bitsym, 4bitsym, 4bit and FP130 kernels use
+ * only shifts and adds. 8bit, NF4 and the convolutions multiply in every build.
  */
 #ifndef BITNETMCU_INFERENCE_H
 #define BITNETMCU_INFERENCE_H
@@ -18,25 +18,48 @@
 #define BITNETMCU_NO_MUL 1
 #endif
 
-/* Weight encodings. Packed MSB-first into uint32_t words, first input in the topmost bits; every
- * output row starts on a new word. Ternary packs 10 trits per uint16_t instead (see the .c file). */
-enum BitNetMCU_qtype {
-    BITNETMCU_BINARY = 1, /* 1 bit: 1 = +1, 0 = -1 */
-    BITNETMCU_TERNARY,    /* base-3 groups of 10 trits per uint16_t: +1 -> 0, -1 -> 1, 0 -> 2 */
-    BITNETMCU_2BITSYM,    /* sign bit (1 = negative), magnitude bit (0 -> 1, 1 -> 3); weights x2 */
-    BITNETMCU_4BITSYM,    /* sign bit, 3-bit magnitude m: |w| = 2m + 1 (weights x2) */
-    BITNETMCU_4BIT,       /* two's complement -8 .. 7 */
-    BITNETMCU_8BIT,       /* two's complement -128 .. 127 */
-    BITNETMCU_FP130,      /* sign bit, 3-bit exponent e: |w| = 2^e */
-    BITNETMCU_NF4         /* 4-bit index into BitNetMCU_nf4_levels */
-};
-
 /* NormalFloat4 levels scaled to int8 (QLoRA's NF4 table x 127, rounded). */
 extern const int8_t BitNetMCU_nf4_levels[16];
 
-/* Fully connected layer: output[o] = sum_i w[o][i] * input[i], 32-bit sums, no bias. */
-void BitNetMCU_fc(const int8_t *input, uint32_t n_in, const void *weights, enum BitNetMCU_qtype qtype,
-                  int32_t *output, uint32_t n_out);
+/*
+ * Fully connected layers: sums[o] = sum_i w[o][i] * input[i], 32-bit, no bias. One kernel per weight
+ * type and layout. Weight codes are packed MSB-first into uint32_t words:
+ *   Binary   1 bit: 1 = +1, 0 = -1
+ *   2bitsym  sign bit (1 = negative), magnitude bit: |w| = 1 or 3   (the levels +-0.5, +-1.5, doubled)
+ *   4bitsym  sign bit, 3-bit magnitude m: |w| = 2m + 1                (the levels +-0.5 .. +-7.5, doubled)
+ *   4bit     two's complement -8 .. 7
+ *   8bit     two's complement -128 .. 127
+ *   FP130    sign bit, 3-bit exponent e: |w| = 2^e
+ *   NF4      4-bit index into BitNetMCU_nf4_levels
+ *
+ * Input-major layout, BitNetMCU_fc_<type>() (the default export): for each input, the codes of all
+ * outputs, padded to whole words. The kernel skips zero inputs entirely and turns each non-zero input
+ * into a small table of its products with every code, so the work per weight is a table look-up and
+ * an add. `sums` must hold n_out rounded up to a whole word of codes (32 / bits outputs).
+ *
+ * Output-major layout, BitNetMCU_fc_rows_<type>() (the original BitNetMCU's layout): for each output,
+ * the codes of all inputs, padded to whole words; `sums` holds exactly n_out.
+ *
+ * Ternary has one layout: for each output, groups of 10 trits per uint16_t (+1 -> 0, -1 -> 1, 0 -> 2),
+ * base 3 MSB-first, stored as ceil(v * 65536 / 3^10) so that x3 brings each trit into bits 16-17.
+ */
+#define BITNETMCU_FC_KERNEL(name) \
+    void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out)
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_Binary);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_2bitsym);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_4bitsym);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_4bit);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_8bit);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_FP130);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_NF4);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Binary);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_2bitsym);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_4bitsym);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_4bit);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_8bit);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_FP130);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_NF4);
+BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 
 /* ShiftNorm + ReLU: k = smallest shift with (max >> k) <= 127; output = clip((x + 2^k/2) >> k, 0, 127)
  * for x > 0, else 0. Returns k. */

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from BitNetMCU import (PROJECT_DIR, ConfigError, ExportError, encode_input, load_checkpoint, load_config,
-                       pack_rows, parse_overrides, reference_logits, run_name, to_int_model)
+                       LAYOUTS, pack_layer, parse_overrides, reference_logits, run_name, to_int_model)
 from dataset import DataError, load_dataset, normalize
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
@@ -64,7 +64,7 @@ def layer_table(int_model):
     """Rows of (name, kind, shape, type, bits/weight, weight bytes) and the RAM the C engine needs."""
     rows, ram = [], 0
     for op in int_model.weight_ops():
-        nbytes = pack_rows(op.qtype, op.weights).nbytes if op.kind == 'fc' else op.weights.size
+        nbytes = pack_layer(op.qtype, op.weights, int_model.layout)[0].nbytes if op.kind == 'fc' else op.weights.size
         shape = f"{op.weights.shape[1]} -> {op.weights.shape[0]}" if op.kind == 'fc' else \
             f"3x3 x {op.weights.shape[0]} ch"
         bits = op.qtype.bits if op.kind == 'fc' else 8
@@ -102,11 +102,6 @@ def c_array(name, array):
     return f"static const {ctype} {name}[{len(flat)}] = {{\n    " + ',\n    '.join(lines) + "\n};\n"
 
 
-C_ENUM = {'Binary': 'BITNETMCU_BINARY', 'Ternary': 'BITNETMCU_TERNARY', '2bitsym': 'BITNETMCU_2BITSYM',
-          '4bitsym': 'BITNETMCU_4BITSYM', '4bit': 'BITNETMCU_4BIT', '8bit': 'BITNETMCU_8BIT',
-          'FP130': 'BITNETMCU_FP130', 'NF4': 'BITNETMCU_NF4'}
-
-
 def split_ops(int_model):
     """(the per-channel conv/maxpool stack, the rest: ShiftNorms and fully connected layers)."""
     ops = list(int_model.ops)
@@ -125,7 +120,7 @@ def buffer_plan(int_model):
     fed_by_act = fcs if stack else fcs[1:]
     return {'image': int_model.input_size ** 2 if stack else 0, 'conv': biggest,
             'features': stack[0].weights.shape[0] * size * size if stack else 0, 'final_size': size,
-            'sums': max((op.weights.shape[0] for op in fcs[:-1]), default=0),
+            'sums': max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs),
             'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
 
 
@@ -134,8 +129,7 @@ def infer_function(int_model, arrays):
     plan = buffer_plan(int_model)
     stack, rest = split_ops(int_model)
     lines = []
-    if plan['sums']:
-        lines.append(f"    int32_t sums[{plan['sums']}];")
+    lines.append(f"    int32_t sums[{plan['sums']}];")
     if plan['act']:
         lines.append(f"    int8_t act[{plan['act']}];")
     source, count = 'input', None
@@ -170,13 +164,14 @@ def infer_function(int_model, arrays):
             source = 'act'
         elif op.kind == 'fc':
             n_out, n_in = op.weights.shape
-            out = 'logits' if i == len(rest) - 1 else 'sums'
-            lines.append(f"    BitNetMCU_fc({source}, {n_in}u, {arrays[id(op)]}, {C_ENUM[op.qtype.name]}, "
-                         f"{out}, {n_out}u);")
-            source, count = out, n_out
+            kernel = pack_layer(op.qtype, op.weights, int_model.layout)[1]
+            lines.append(f"    {kernel}({source}, {n_in}u, {arrays[id(op)]}, sums, {n_out}u);")
+            source, count = 'sums', n_out
         else:
             raise ExportError(f"{op.name}: a {op.kind} after the fully connected layers has no kernel")
-    lines.append(f"    return BitNetMCU_argmax(logits, {int_model.num_classes}u);")
+    lines += [f"    for (uint32_t i = 0; i < {int_model.num_classes}u; i++)",
+              "        logits[i] = sums[i];",
+              f"    return BitNetMCU_argmax(logits, {int_model.num_classes}u);"]
     return ("/* Runs the network on one int8 image (row-major 16x16); fills logits, returns the class. */\n"
             "static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logits)\n{\n"
             + '\n'.join(lines) + "\n}\n")
@@ -188,8 +183,8 @@ def header_text(int_model, source_name):
         name = f"BitNetMCU_layer{index}_weights"
         arrays[id(op)] = name
         if op.kind == 'fc':
-            packed = pack_rows(op.qtype, op.weights)
-            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}"
+            packed, kernel, _ = pack_layer(op.qtype, op.weights, int_model.layout)
+            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}, for {kernel}()"
         else:
             packed = op.weights.astype(np.int8)
             desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"
@@ -273,12 +268,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument('--output', default=str(DEFAULT_OUTPUT), help='header to write (default: %(default)s)')
+    parser.add_argument('--layout', default=LAYOUTS[0], choices=LAYOUTS,
+                        help='weight layout: input-major (fast, default) or output-major (the original '
+                             'BitNetMCU layout, interchangeable weight arrays)')
     parser.add_argument('--plots', default=None, metavar='DIR', help='write weight histograms and tiles (PNG)')
     parser.add_argument('--no-eval', action='store_true', help='skip the test-set accuracy report')
     args = parser.parse_args(argv)
     try:
         model, cfg, metrics, path = load_model_from_args(args)
         int_model = to_int_model(model)
+        int_model.layout = args.layout
         print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
         print_summary(int_model)
         atomic_write_text(args.output, header_text(int_model, path.name))

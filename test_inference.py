@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from BitNetMCU import PROJECT_DIR, ConfigError, ExportError, encode_input, reference_logits, to_int_model
+from BitNetMCU import LAYOUTS, PROJECT_DIR, ConfigError, ExportError, encode_input, reference_logits, to_int_model
 from dataset import DataError, load_dataset, normalize
 from exportquant import (DEFAULT_OUTPUT, add_model_arguments, atomic_write_text, c_array, header_text,
                          load_model_from_args)
@@ -26,13 +26,16 @@ from exportquant import (DEFAULT_OUTPUT, add_model_arguments, atomic_write_text,
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
 BUILD_DIR = PROJECT_DIR / 'build' / 'cffi'
 TEST_DATA = PROJECT_DIR / 'BitNetMCU_MNIST_test_data.h'
+TEST_BLOB = PROJECT_DIR / 'build' / 'BitNetMCU_MNIST_test_data.bin'
+BLOB_MAGIC = b'BNMT'
 SANITIZE_FLAGS = ['-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer']
 
-KERNEL_CDEF = """
-enum BitNetMCU_qtype { BITNETMCU_BINARY = 1, BITNETMCU_TERNARY = 2, BITNETMCU_2BITSYM = 3, BITNETMCU_4BITSYM = 4,
-                       BITNETMCU_4BIT = 5, BITNETMCU_8BIT = 6, BITNETMCU_FP130 = 7, BITNETMCU_NF4 = 8 };
-void BitNetMCU_fc(const int8_t *input, uint32_t n_in, const void *weights, enum BitNetMCU_qtype qtype,
-                  int32_t *output, uint32_t n_out);
+FC_TYPES = ['Binary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
+KERNEL_CDEF = ''.join(
+    f"void BitNetMCU_fc_{layout}{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
+    "uint32_t n_out);\n" for t in FC_TYPES for layout in ('', 'rows_')) + """
+void BitNetMCU_fc_rows_Ternary(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums,
+                               uint32_t n_out);
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
 void BitNetMCU_conv3x3_relu(const int32_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
                             int32_t *output);
@@ -109,6 +112,26 @@ def test_data_header(images, labels, predictions):
             + "\n#endif\n")
 
 
+def test_data_blob(images, labels, predictions):
+    """The test set for the emulated firmware (loaded by QEMU into RAM): "BNMT", uint32 count (little
+    endian), int8 images[count][256], uint8 labels[count], uint8 predictions[count]."""
+    images = np.asarray(images, dtype=np.int8)
+    return (BLOB_MAGIC + len(images).to_bytes(4, 'little') + images.tobytes()
+            + np.asarray(labels, np.uint8).tobytes() + np.asarray(predictions, np.uint8).tobytes())
+
+
+def blob_to_header(blob_path, n, header_path):
+    """The first n images of a test-data blob as a test-data header (for the flash-sized firmware)."""
+    data = Path(blob_path).read_bytes()
+    if data[:4] != BLOB_MAGIC:
+        raise ExportError(f"{blob_path} is not a BitNetMCU test-data blob; run test_inference.py")
+    count = int.from_bytes(data[4:8], 'little')
+    images = np.frombuffer(data, np.int8, count * 256, 8).reshape(count, 256)
+    labels = np.frombuffer(data, np.uint8, count, 8 + count * 256)
+    predictions = np.frombuffer(data, np.uint8, count, 8 + count * 257)
+    atomic_write_text(header_path, test_data_header(images[:n], labels[:n], predictions[:n]))
+
+
 def verify(model, int_model, header, data, log=print):
     """Compare C and Python on every test image. Returns a dict of accuracies, mismatches and timings."""
     ffi, lib = build_engine(header, log=log)
@@ -137,6 +160,8 @@ def main(argv=None):
     add_model_arguments(parser)
     parser.add_argument('--header', default=str(DEFAULT_OUTPUT), help='exported header (default: %(default)s)')
     parser.add_argument('--test-data', default=str(TEST_DATA), help='test-data header to write (default: %(default)s)')
+    parser.add_argument('--test-blob', default=str(TEST_BLOB),
+                        help='all test images for the emulated firmware (default: %(default)s)')
     parser.add_argument('--test-images', type=int, default=1000,
                         help='images in the test-data header (default: %(default)s)')
     args = parser.parse_args(argv)
@@ -146,7 +171,11 @@ def main(argv=None):
         header = Path(args.header)
         if not header.exists():
             raise ConfigError(f"{header} does not exist: run python exportquant.py first")
-        if header.read_text() != header_text(int_model, path.name):
+        text = header.read_text()
+        for int_model.layout in LAYOUTS:
+            if text == header_text(int_model, path.name):
+                break
+        else:
             raise ExportError(f"{header} was not exported from {path} (or is out of date); "
                               f"run python exportquant.py with the same arguments")
         r = verify(model, int_model, header, load_dataset(cfg['dataset']))
@@ -160,6 +189,12 @@ def main(argv=None):
     n = max(0, min(args.test_images, r['n']))
     atomic_write_text(args.test_data, test_data_header(r['images'][:n], r['labels'][:n], r['predictions'][:n]))
     print(f"Wrote {args.test_data} ({n} images)")
+    blob = Path(args.test_blob)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    tmp = blob.with_suffix('.tmp')
+    tmp.write_bytes(test_data_blob(r['images'], r['labels'], r['predictions']))
+    tmp.replace(blob)
+    print(f"Wrote {blob} ({r['n']} images)")
     return 1 if r['mismatches'] else 0
 
 

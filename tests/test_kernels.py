@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from BitNetMCU import NF4_LEVELS_INT8, QUANT_TYPES, conv3x3_relu, fc, maxpool2, pack_rows, shiftnorm_relu
+from BitNetMCU import (LAYOUTS, NF4_LEVELS_INT8, QUANT_TYPES, conv3x3_relu, fc, maxpool2, pack_layer, pack_rows,
+                       shiftnorm_relu)
 from conftest import ROOT
 from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
-C_ENUM = {'Binary': 1, 'Ternary': 2, '2bitsym': 3, '4bitsym': 4, '4bit': 5, '8bit': 6, 'FP130': 7, 'NF4': 8}
 INT_LEVELS = {   # the integers each type's kernel multiplies by
     'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3],
     '4bitsym': list(range(-15, 16, 2)), '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
@@ -39,7 +39,7 @@ def int8_vectors(n):
 
 @st.composite
 def fc_cases(draw):
-    qtype = draw(st.sampled_from(list(C_ENUM)))
+    qtype = draw(st.sampled_from(list(INT_LEVELS)))
     n_in, n_out = draw(st.integers(1, 300)), draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2 ** 32 - 1))
     weights = np.random.default_rng(seed).choice(INT_LEVELS[qtype], size=(n_out, n_in))
@@ -48,15 +48,16 @@ def fc_cases(draw):
     return qtype, weights, draw(int8_vectors(n_in))
 
 
-@given(fc_cases())
-def test_fc_matches_python_for_every_type(engine, case):
+@given(fc_cases(), st.sampled_from(LAYOUTS))
+def test_fc_matches_python_for_every_type_and_layout(engine, case, layout):
     ffi, lib = engine
     qtype, weights, x = case
-    packed = np.ascontiguousarray(pack_rows(QUANT_TYPES[qtype], weights))
-    out = np.zeros(len(weights), np.int32)
-    lib.BitNetMCU_fc(ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed), C_ENUM[qtype],
-                     ffi.from_buffer('int32_t[]', out), len(weights))
-    assert np.array_equal(out, fc(x[None].astype(np.int64), weights)[0])
+    packed, kernel, slots = pack_layer(QUANT_TYPES[qtype], weights, layout)
+    packed = np.ascontiguousarray(packed)
+    out = np.full(slots, 12345, np.int32)
+    getattr(lib, kernel)(ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed),
+                         ffi.from_buffer('int32_t[]', out), len(weights))
+    assert np.array_equal(out[:len(weights)], fc(x[None].astype(np.int64), weights)[0])
 
 
 @given(st.integers(1, 300).flatmap(lambda n: st.one_of(

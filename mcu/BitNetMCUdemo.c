@@ -1,0 +1,149 @@
+/*
+ * BitNetMCU demo: runs the exported model (BitNetMCU_model.h) on MNIST test images and prints, per
+ * image, the prediction, the label and the cost of the inference; then a summary. Exits non-zero if
+ * any prediction differs from the one the host computed (C engine and Python reference agree on it).
+ *
+ * Test images come from BitNetMCU_MNIST_test_data.h (a few, in flash) or, on the emulator, from a
+ * blob QEMU loads into RAM at BITNETMCU_TESTSET_ADDR (all 10,000):
+ *   "BNMT", uint32 count, int8 images[count][256], uint8 labels[count], uint8 predictions[count]
+ */
+#include <stdint.h>
+
+#include "BitNetMCU_model.h"
+#include "platform.h"
+
+#ifdef BITNETMCU_TESTSET_ADDR
+#define TESTSET ((const uint32_t *)BITNETMCU_TESTSET_ADDR)
+#define TEST_COUNT (TESTSET[1])
+#define TEST_IMAGES ((const int8_t *)(TESTSET + 2))
+#define TEST_LABELS ((const uint8_t *)(TEST_IMAGES + ((uint32_t)TEST_COUNT << 8)))
+#define TEST_PREDICTIONS (TEST_LABELS + TEST_COUNT)
+#else
+#include "BitNetMCU_MNIST_test_data.h"
+#define TEST_COUNT ((uint32_t)BITNETMCU_TEST_IMAGES)
+#define TEST_IMAGES (BitNetMCU_test_images)
+#define TEST_LABELS ((const uint8_t *)BitNetMCU_test_labels)
+#define TEST_PREDICTIONS ((const uint8_t *)BitNetMCU_test_predictions)
+#endif
+
+#define VERBOSE_LIMIT 20u        /* print every image only for small test sets */
+#define STACK_PAINT 0x5AA5F00Du
+#ifndef STACK_PROBE_WORDS
+#define STACK_PROBE_WORDS 256u   /* how far below the caller's frame the paint reaches (1 KB) */
+#endif
+
+static void print(const char *s)
+{
+    while (*s) platform_putc(*s++);
+}
+
+/* v / 10 by binary long division, shifting v left one bit at a time: no divide instruction and no
+ * variable 64-bit shift, so no libgcc helper. */
+static uint64_t div10(uint64_t v, uint32_t *remainder)
+{
+    uint64_t quotient = 0;
+    uint32_t rem = 0;
+    for (uint32_t bit = 0; bit < 64u; bit++) {
+        rem = (rem << 1) | (uint32_t)(v >> 63);
+        v <<= 1;
+        quotient <<= 1;
+        if (rem >= 10u) {
+            rem -= 10u;
+            quotient |= 1u;
+        }
+    }
+    *remainder = rem;
+    return quotient;
+}
+
+static void print_u64(uint64_t v)
+{
+    char digits[20];
+    uint32_t n = 0, rem;
+    do {
+        v = div10(v, &rem);
+        digits[n++] = (char)('0' + rem);
+    } while (v);
+    while (n) platform_putc(digits[--n]);
+}
+
+void report_trap(uint32_t cause, uint32_t pc)
+{
+    print("\ntrap: mcause ");
+    print_u64(cause);
+    print(" at pc ");
+    print_u64(pc);
+    print("\n");
+    platform_exit(3);
+}
+
+/* Peak stack of one inference: paint the free stack below this frame, infer, find the deepest
+ * overwritten word. */
+static __attribute__((noinline)) uint32_t measure_stack(const int8_t *image, int32_t *logits)
+{
+    uint32_t *sp;
+    __asm__ volatile("mv %0, sp" : "=r"(sp));
+    for (uint32_t i = 1; i <= STACK_PROBE_WORDS; i++) sp[-(int32_t)i] = STACK_PAINT;
+    BitNetMCU_model_infer(image, logits);
+    uint32_t deepest = 0;
+    for (uint32_t i = 1; i <= STACK_PROBE_WORDS; i++)
+        if (sp[-(int32_t)i] != STACK_PAINT) deepest = i;
+    return deepest << 2;
+}
+
+int main(void)
+{
+    platform_init();
+    int32_t logits[BITNETMCU_MODEL_CLASSES];
+    uint32_t count = TEST_COUNT, correct = 0, mismatches = 0;
+    uint64_t total = 0;
+    uint32_t least = 0xFFFFFFFFu, most = 0;
+    const int8_t *image = TEST_IMAGES;
+    print("BitNetMCU: ");
+    print_u64(count);
+    print(" test images\n");
+    for (uint32_t i = 0; i < count; i++, image += BITNETMCU_MODEL_INPUTS) {
+        uint32_t start = platform_counter();
+        uint32_t predicted = BitNetMCU_model_infer(image, logits);
+        uint32_t cost = platform_counter() - start;
+        total += cost;
+        if (cost < least) least = cost;
+        if (cost > most) most = cost;
+        correct += predicted == TEST_LABELS[i];
+        if (predicted != TEST_PREDICTIONS[i]) {
+            mismatches++;
+            print("MISMATCH ");
+        }
+        if (count <= VERBOSE_LIMIT || predicted != TEST_PREDICTIONS[i]) {
+            print("image ");
+            print_u64(i);
+            print(": predicted ");
+            print_u64(predicted);
+            print(", label ");
+            print_u64(TEST_LABELS[i]);
+            print(", ");
+            print_u64(cost);
+            print(" ");
+            print(platform_counter_name);
+            print("\n");
+        }
+    }
+    print("images ");
+    print_u64(count);
+    print(" correct ");
+    print_u64(correct);
+    print(" mismatches ");
+    print_u64(mismatches);
+    print("\n");
+    print(platform_counter_name);
+    print(" per inference: total ");
+    print_u64(total);
+    print(" min ");
+    print_u64(least);
+    print(" max ");
+    print_u64(most);
+    print("\npeak stack of one inference: ");
+    print_u64(measure_stack(TEST_IMAGES, logits));
+    print(" bytes\n");
+    return mismatches ? 1 : 0;
+}
