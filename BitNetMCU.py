@@ -415,7 +415,7 @@ CONFIG_SCHEMA = {
     'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
     'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
     'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
-    'maxw_update_until_epoch': (int, 60, _at_least(0), 's is re-estimated before each epoch below this'),
+    'maxw_update_until_epoch': (int, 45, _at_least(0), 's is re-estimated before each epoch below this'),
     'maxw_quantscale': (_NUM, 0.25, lambda v: None if v > 0 else 'must be > 0', 'prop: s = mean|w| / quantscale'),
     'num_epochs': (int, 60, _at_least(1), 'training epochs'),
     'batch_size': (int, 128, _at_least(1), 'mini-batch size'),

@@ -81,51 +81,73 @@ SPECIALIZE void fc_rows(const int8_t *in, uint32_t n_in, const uint32_t *w, int3
     }
 }
 
-/* The products of activation a with every code of the type, built once per non-zero input. */
-SPECIALIZE void build_table(int32_t a, int32_t *table, enum qtype t)
+/* The products of activation a with every code of the type, built once per non-zero input.
+ * |a| <= 128 and |weight| <= 128, so each fits in 16 bits. */
+SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 {
     int32_t v = a, step = a + a;
     switch (t) {
     case FOURBITSYM:   /* a, 3a, 5a, ... 15a and their negatives */
         for (uint32_t m = 0; m < 8u; m++, v += step) {
-            table[m] = v;
-            table[m | 8u] = -v;
+            table[m] = (int16_t)v;
+            table[m | 8u] = (int16_t)-v;
         }
         break;
     case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
         for (uint32_t m = 0, v0 = 0; m < 8u; m++) {
-            table[m] = (int32_t)v0;
-            table[m | 8u] = (int32_t)v0 - shl(a, 3);
+            table[m] = (int16_t)v0;
+            table[m | 8u] = (int16_t)((int32_t)v0 - shl(a, 3));
             v0 += (uint32_t)a;
         }
         break;
     case FP130:        /* a, 2a, 4a, ... 128a and their negatives */
         for (uint32_t e = 0; e < 8u; e++, v += v) {
-            table[e] = v;
-            table[e | 8u] = -v;
+            table[e] = (int16_t)v;
+            table[e | 8u] = (int16_t)-v;
         }
         break;
     default:           /* Binary, 2bitsym: 2 or 4 entries; NF4: 16 products */
         for (uint32_t code = 0; code < (1u << (1u << log2_bits(t))); code++)
-            table[code] = times_code(a, code, t);
+            table[code] = (int16_t)times_code(a, code, t);
         break;
     }
 }
 
-/* table entry for the 4-bit code at bit position `pos` of word: the code x 4 is a byte offset. */
-#define TABLE4(word, pos) (*(const int32_t *)((const char *)table + (((word) >> (pos)) & 0x3Cu)))
+/* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
+#define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
 
-/* Input-major layout: each non-zero input adds its products to all outputs, one table look-up each. */
+/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
+SPECIALIZE int32_t times_small(int32_t a, int32_t b)
+{
+#ifdef BITNETMCU_NO_MUL
+    uint32_t m = a < 0 ? (uint32_t)-a : (uint32_t)a;
+    int32_t product = 0;
+    for (; m; m >>= 1, b = shl(b, 1))
+        if (m & 1u) product += b;
+    return a < 0 ? -product : product;
+#else
+    return a * b;
+#endif
+}
+
+/* Input-major layout: each input that differs from `zero` adds its products to all outputs, one table
+ * look-up each; inputs equal to `zero` are skipped and their share, zero * rowsums[o], added at the end.
+ * Hidden layers pass zero = 0 (ReLU zeros are skipped for free); the first layer passes the image's
+ * background value, so only the pixels of the digit cost anything. */
 SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
-                           enum qtype t)
+                           int32_t zero, const int16_t *rowsums, enum qtype t)
 {
     uint32_t shift = log2_bits(t), bits = 1u << shift;
     uint32_t words = (n_out + (32u >> shift) - 1u) >> (5u - shift);
     uint32_t slots = words << (5u - shift);
-    int32_t table[16];
+    int16_t table[16];   /* |code weight x input difference| <= 128 x 255 fits: half the stack of int32 */
+    const char *base = (const char *)table;
+#if defined(__GNUC__)
+    __asm__("" : "+r"(base)); /* keep the table's address in a register instead of re-deriving it from sp */
+#endif
     for (uint32_t o = 0; o < slots; o++) sums[o] = 0;
     for (uint32_t i = 0; i < n_in; i++) {
-        int32_t a = in[i];
+        int32_t a = in[i] - zero;
         if (a == 0) {
             w += words;
             continue;
@@ -135,14 +157,14 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
         for (uint32_t k = 0; k < words; k++) {
             uint32_t word = *w++;
             if (bits == 4u) {   /* the common case, unrolled: per weight a shift, a mask, two loads, an add, a store */
-                s[0] += TABLE4(word, 26);
-                s[1] += TABLE4(word, 22);
-                s[2] += TABLE4(word, 18);
-                s[3] += TABLE4(word, 14);
-                s[4] += TABLE4(word, 10);
-                s[5] += TABLE4(word, 6);
-                s[6] += TABLE4(word, 2);
-                s[7] += *(const int32_t *)((const char *)table + ((word << 2) & 0x3Cu));
+                s[0] += TABLE4(word, 27);
+                s[1] += TABLE4(word, 23);
+                s[2] += TABLE4(word, 19);
+                s[3] += TABLE4(word, 15);
+                s[4] += TABLE4(word, 11);
+                s[5] += TABLE4(word, 7);
+                s[6] += TABLE4(word, 3);
+                s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
                 s += 8;
                 continue;
             }
@@ -152,10 +174,15 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
             }
         }
     }
+    if (zero != 0)
+        for (uint32_t o = 0; o < n_out; o++) sums[o] += times_small(zero, rowsums[o]);
 }
 
-#define BITNETMCU_FC_TYPE(name, t)                                                                   \
-    BITNETMCU_FC_KERNEL(BitNetMCU_fc_##name) { fc_columns(input, n_in, weights, sums, n_out, t); } \
+#define BITNETMCU_FC_TYPE(name, t)                                                                \
+    BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
+    {                                                                                             \
+        fc_columns(input, n_in, weights, sums, n_out, zero, rowsums, t);                          \
+    }                                                                                             \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, t); }
 BITNETMCU_FC_TYPE(Binary, BINARY)
 BITNETMCU_FC_TYPE(2bitsym, TWOBITSYM)

@@ -33,9 +33,11 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  *   NF4      4-bit index into BitNetMCU_nf4_levels
  *
  * Input-major layout, BitNetMCU_fc_<type>() (the default export): for each input, the codes of all
- * outputs, padded to whole words. The kernel skips zero inputs entirely and turns each non-zero input
- * into a small table of its products with every code, so the work per weight is a table look-up and
- * an add. `sums` must hold n_out rounded up to a whole word of codes (32 / bits outputs).
+ * outputs, padded to whole words. The kernel skips inputs equal to `zero` entirely and turns each other
+ * input into a small table of its products with every code, so the work per weight is a table look-up
+ * and an add. Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
+ * and may be null when zero is 0). Hidden layers pass zero = 0; the first layer passes the image's
+ * background value. `sums` must hold n_out rounded up to a whole word of codes (32 / bits outputs).
  *
  * Output-major layout, BitNetMCU_fc_rows_<type>() (the original BitNetMCU's layout): for each output,
  * the codes of all inputs, padded to whole words; `sums` holds exactly n_out.
@@ -45,13 +47,16 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  */
 #define BITNETMCU_FC_KERNEL(name) \
     void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out)
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_Binary);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_2bitsym);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_4bitsym);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_4bit);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_8bit);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_FP130);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_NF4);
+#define BITNETMCU_FC_COLUMNS_KERNEL(name)                                                           \
+    void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out, \
+              int32_t zero, const int16_t *rowsums)
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_Binary);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_2bitsym);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_4bitsym);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_4bit);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_8bit);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_FP130);
+BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_NF4);
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Binary);
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_2bitsym);
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_4bitsym);

@@ -6,16 +6,18 @@ PYTHON ?= python3
 # or install your own torch into .venv first (it is kept).
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
+# command:Debian package, for the C checks and the emulated firmware
+APT_TOOLS := clang:clang riscv64-unknown-elf-gcc:gcc-riscv64-unknown-elf qemu-system-riscv32:qemu-system-misc
 PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
 
-.PHONY: all setup data train export verify ctest test bench clean help
+.PHONY: all setup data train export verify ctest sim test bench clean help
 .DEFAULT_GOAL := all
 CC ?= cc
 CFLAGS ?= -std=c99 -Wall -Wextra -Wpedantic -Werror -O2
 
-all: verify ctest  ## main job: set up, fetch data, train the default model, export it, verify C against Python
+all: verify ctest sim  ## main job: set up, fetch data, train, export, verify C vs Python, run the firmware emulated
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,8 +26,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	command -v clang >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q clang >/dev/null; } \
-		|| echo "note: clang not found (tests compile the engine with gcc and clang); install it" >&2
+	@missing=""; for tool in $(APT_TOOLS); do command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then echo "apt-get install$$missing"; \
+			(apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; \
+		else echo "error: please install the Debian packages$$missing (C compilers and the RV32 emulator)" >&2; exit 1; fi; \
+	fi
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with the requirements
@@ -52,11 +58,16 @@ ctest: BitNetMCU_MNIST_test_data.h  ## build and run the host C test program
 BitNetMCU_MNIST_test_data.h:
 	$(MAKE) verify
 
+sim: verify  ## the firmware on an emulated RV32EC core: all test images, instruction counts, memory fit
+	$(MAKE) -C mcu sim size nomul
+
 test: $(DATA_STAMP)  ## run the test suite
 	$(PY) -m pytest -q tests
 
-bench: $(DATA_STAMP)  ## training speed benchmark
+bench: $(DATA_STAMP)  ## benchmarks: training speed, verification speed, instructions per inference
 	$(PY) bench/train_speed.py
+	$(PY) bench/verify_speed.py
+	$(PY) bench/mcu_cycles.py
 
 clean:  ## remove caches, builds and run logs (keeps .venv, data and modeldata)
 	rm -rf runs build .pytest_cache .hypothesis

@@ -22,7 +22,7 @@ from dataset import DataError, load_dataset, normalize
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
 C_TYPE = {np.uint32: ('uint32_t', 8, '0x{:08x}'), np.uint16: ('uint16_t', 12, '0x{:04x}'),
-          np.int8: ('int8_t', 16, '{:d}')}
+          np.int16: ('int16_t', 12, '{:d}'), np.int8: ('int8_t', 16, '{:d}')}
 
 
 def add_model_arguments(parser):
@@ -165,7 +165,11 @@ def infer_function(int_model, arrays):
         elif op.kind == 'fc':
             n_out, n_in = op.weights.shape
             kernel = pack_layer(op.qtype, op.weights, int_model.layout)[1]
-            lines.append(f"    {kernel}({source}, {n_in}u, {arrays[id(op)]}, sums, {n_out}u);")
+            args = f"{source}, {n_in}u, {arrays[id(op)]}, sums, {n_out}u"
+            if 'rows' not in kernel:   # input-major: skip the background (first layer) or ReLU zeros
+                args += f", input[0], {arrays[id(op), 'rowsums']}" if (id(op), 'rowsums') in arrays else \
+                    ", 0, (const int16_t *)0"
+            lines.append(f"    {kernel}({args});")
             source, count = 'sums', n_out
         else:
             raise ExportError(f"{op.name}: a {op.kind} after the fully connected layers has no kernel")
@@ -177,6 +181,17 @@ def infer_function(int_model, arrays):
             + '\n'.join(lines) + "\n}\n")
 
 
+def background_rowsums(int_model, op, kernel):
+    """Row sums of the layer that reads the image, if its input-major kernel can skip background pixels
+    (the image's first pixel stands for the background); None for every other layer."""
+    if op is not int_model.ops[0] or 'rows' in kernel:
+        return None
+    rowsums = op.weights.sum(axis=1)
+    if np.abs(rowsums).max() > 32767:
+        return None   # does not fit the kernel's int16 row sums: no skipping, still exact
+    return rowsums.astype(np.int16)
+
+
 def header_text(int_model, source_name):
     arrays, parts = {}, []
     for index, op in enumerate(int_model.weight_ops()):
@@ -185,6 +200,11 @@ def header_text(int_model, source_name):
         if op.kind == 'fc':
             packed, kernel, _ = pack_layer(op.qtype, op.weights, int_model.layout)
             desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}, for {kernel}()"
+            rowsums = background_rowsums(int_model, op, kernel)
+            if rowsums is not None:
+                arrays[id(op), 'rowsums'] = f"BitNetMCU_layer{index}_rowsums"
+                parts.append(f"/* {op.name}: sum of each output's weights, for skipping the image background */\n"
+                             + c_array(arrays[id(op), 'rowsums'], rowsums))
         else:
             packed = op.weights.astype(np.int8)
             desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"

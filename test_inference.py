@@ -32,8 +32,10 @@ SANITIZE_FLAGS = ['-fsanitize=address,undefined', '-fno-sanitize-recover=all', '
 
 FC_TYPES = ['Binary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
 KERNEL_CDEF = ''.join(
-    f"void BitNetMCU_fc_{layout}{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
-    "uint32_t n_out);\n" for t in FC_TYPES for layout in ('', 'rows_')) + """
+    f"void BitNetMCU_fc_{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
+    f"uint32_t n_out, int32_t zero, const int16_t *rowsums);\n"
+    f"void BitNetMCU_fc_rows_{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
+    "uint32_t n_out);\n" for t in FC_TYPES) + """
 void BitNetMCU_fc_rows_Ternary(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums,
                                uint32_t n_out);
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);

@@ -29,6 +29,8 @@ class FirmwareError(RuntimeError):
 
 def run_qemu(elf, blob, target, timeout=600):
     """Run the emulator build on the images of blob; returns the parsed report (dict)."""
+    if not Path(blob).exists():
+        raise FirmwareError(f"{blob} is missing: run test_inference.py first (it writes the test images)")
     cmd = ['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS[target][2], '-icount', 'shift=0',
            '-nographic', '-kernel', str(elf), '-device', f'loader,file={blob},addr={TESTSET_ADDR:#x},force-raw=on']
     try:

@@ -2,6 +2,7 @@
  * Minimal RV32E start-up: stack, .data copy, .bss clear, paint the stack (for peak-stack measurement),
  * call main, exit with its status. Any trap prints its cause and exits with status 3.
  */
+    .option arch, +zicsr        /* csrr/csrw: -march stays plain rv32ec so gcc finds its rv32e libgcc */
     .section .text.start, "ax"
     .globl _start
 _start:

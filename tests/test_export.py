@@ -135,12 +135,14 @@ def test_test_inference_cli_checks_the_header_is_current(small_mnist, run_dirs, 
     header, data = tmp_path / 'model.h', tmp_path / 'data.h'
     assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
     monkeypatch.setattr(test_inference, 'load_dataset', lambda name: small_mnist)
-    assert test_inference.main(['--checkpoint', str(path), '--header', str(header), '--test-data', str(data),
-                                '--test-images', '50']) == 0
+    blob = tmp_path / 'data.bin'
+    args = ['--checkpoint', str(path), '--header', str(header), '--test-data', str(data), '--test-blob', str(blob)]
+    assert test_inference.main(args + ['--test-images', '50']) == 0
     out = capsys.readouterr().out
     assert '0 mismatching images' in out and '#define BITNETMCU_TEST_IMAGES 50' in data.read_text()
+    assert blob.read_bytes()[:8] == b'BNMT' + (1000).to_bytes(4, 'little')   # every image of small_mnist
     header.write_text(header.read_text().replace('0x', '0X', 1))
-    assert test_inference.main(['--checkpoint', str(path), '--header', str(header), '--test-data', str(data)]) == 2
+    assert test_inference.main(args) == 2
     assert 'out of date' in capsys.readouterr().err
 
 

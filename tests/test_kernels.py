@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from BitNetMCU import (LAYOUTS, NF4_LEVELS_INT8, QUANT_TYPES, conv3x3_relu, fc, maxpool2, pack_layer, pack_rows,
@@ -48,15 +48,23 @@ def fc_cases(draw):
     return qtype, weights, draw(int8_vectors(n_in))
 
 
-@given(fc_cases(), st.sampled_from(LAYOUTS))
-def test_fc_matches_python_for_every_type_and_layout(engine, case, layout):
+@given(fc_cases(), st.sampled_from(LAYOUTS), st.one_of(st.just(0), st.integers(-128, 127)))
+def test_fc_matches_python_for_every_type_and_layout(engine, case, layout, zero):
     ffi, lib = engine
     qtype, weights, x = case
     packed, kernel, slots = pack_layer(QUANT_TYPES[qtype], weights, layout)
     packed = np.ascontiguousarray(packed)
     out = np.full(slots, 12345, np.int32)
-    getattr(lib, kernel)(ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed),
-                         ffi.from_buffer('int32_t[]', out), len(weights))
+    extra = []
+    if 'rows' not in kernel:   # input-major: skip inputs equal to `zero`, add zero * rowsums
+        rowsums = np.ascontiguousarray(weights.sum(axis=1).astype(np.int16))
+        assume(np.array_equal(rowsums, weights.sum(axis=1)))
+        x = x.copy()
+        x[::3] = zero   # make skipping happen
+        extra = [zero, ffi.from_buffer('int16_t[]', rowsums)]
+    args = [ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out),
+            len(weights)] + extra
+    getattr(lib, kernel)(*args)
     assert np.array_equal(out[:len(weights)], fc(x[None].astype(np.int64), weights)[0])
 
 

@@ -1,0 +1,80 @@
+"""The firmware: built for RV32EC with the cross-compiler, run on all test images in QEMU with exact
+instruction counts, checked for memory fit and for multiplies. Real tools, no mocks."""
+import subprocess
+
+import pytest
+
+import exportquant
+import test_inference
+from BitNetMCU import load_checkpoint
+from conftest import ROOT
+from test_export import SHARED, short_training
+
+MCU = ROOT / 'mcu'
+
+
+def export_with_test_data(checkpoint, tmp_path, data):
+    """Header and test-data blob of a checkpoint, as `make` produces them."""
+    header, blob = tmp_path / 'model.h', tmp_path / 'test.bin'
+    assert exportquant.main(['--checkpoint', str(checkpoint), '--output', str(header), '--no-eval']) == 0
+    model, _, _ = load_checkpoint(checkpoint)
+    from BitNetMCU import to_int_model
+    result = test_inference.verify(model, to_int_model(model), header, data, log=lambda *a: None)
+    assert result['mismatches'] == 0
+    blob.write_bytes(test_inference.test_data_blob(result['images'], result['labels'], result['predictions']))
+    return header, blob, result
+
+
+def make(tmp_path, target, header, blob, *goals):
+    return subprocess.run(['make', '-C', str(MCU), *goals, f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
+                           f'TEST_BLOB={blob}', f'BUILD={tmp_path / target}', f'PY={ROOT / ".venv/bin/python"}'],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
+def test_original_model_on_emulated_core_matches_host_on_10000_images(mnist, tmp_path, target):
+    header, blob, host = export_with_test_data(SHARED / 'fc_4bitsym_64_64_64_v02.pth', tmp_path, mnist)
+    run = make(tmp_path, target, header, blob, 'sim', 'size', 'nomul')
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"{target} (emulated, sim.elf): 10000 images, accuracy 99.02%, 0 mismatches" in run.stdout
+    assert f"{target}: flash" in run.stdout and 'fits' in run.stdout
+    if target == 'CH32V003':
+        assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
+    assert host['c_acc'] == 0.9902
+
+
+def test_emulator_reports_mismatches_and_fails(mnist, tmp_path):
+    header, blob, _ = export_with_test_data(SHARED / 'fc_4bitsym_64_64_64_v02.pth', tmp_path, mnist)
+    data = bytearray(blob.read_bytes())
+    data[8 + 10000 * 256 + 10000 + 7] ^= 1          # corrupt the expected prediction of image 7
+    blob.write_bytes(bytes(data))
+    run = make(tmp_path, 'CH32V003', header, blob, 'sim')
+    assert run.returncode != 0
+    assert 'MISMATCH image 7' in run.stdout or 'MISMATCH image 7' in run.stderr or '1 mismatches' in run.stdout
+
+
+def test_multiplying_types_are_caught_by_the_multiplier_check(small_mnist, mnist, run_dirs, tmp_path):
+    path = short_training(small_mnist, run_dirs, QuantType='8bit', fc1_QuantType='8bit')
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    run = make(tmp_path, 'CH32V003', header, blob, 'nomul')
+    assert run.returncode != 0 and '__mulsi3' in run.stdout
+    run = make(tmp_path, 'CH32V003', header, blob, 'sim')   # still correct, via libgcc's multiply
+    assert run.returncode == 0 and ', 0 mismatches' in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_cnn_does_not_fit_ch32v003_but_runs_and_fits_ch32v002(small_mnist, mnist, run_dirs, tmp_path):
+    path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=8, network_width1=16,
+                          network_width2=16, network_width3=0)
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    small = make(tmp_path, 'CH32V003', header, blob, 'size')
+    assert small.returncode != 0 and 'DOES NOT FIT' in small.stdout
+    big = make(tmp_path, 'CH32V002', header, blob, 'sim', 'size')
+    assert big.returncode == 0, big.stdout[-3000:] + big.stderr[-3000:]
+    assert '10000 images' in big.stdout and ', 0 mismatches' in big.stdout and 'fits' in big.stdout
+
+
+def test_missing_header_is_a_clear_error(tmp_path):
+    run = make(tmp_path, 'CH32V003', tmp_path / 'nope.h', tmp_path / 'nope.bin', 'sim')
+    assert run.returncode != 0 and 'run exportquant.py first' in run.stderr
+    run = subprocess.run(['make', '-C', str(MCU), 'sim', 'TARGET_MCU=CH32V001'], capture_output=True, text=True)
+    assert run.returncode != 0 and 'is not CH32V003 or CH32V002' in run.stderr
