@@ -61,10 +61,15 @@ def weight_stats(op):
 
 
 def layer_table(int_model):
-    """Rows of (name, kind, shape, type, bits/weight, weight bytes) and the RAM the C engine needs."""
-    rows, ram = [], 0
+    """Rows of (name, kind, shape, type, bits/weight, flash bytes) and the RAM the C engine needs."""
+    rows = []
     for op in int_model.weight_ops():
-        nbytes = pack_layer(op.qtype, op.weights, int_model.layout)[0].nbytes if op.kind == 'fc' else op.weights.size
+        if op.kind == 'fc':
+            packed, kernel, _ = pack_layer(op.qtype, op.weights, int_model.layout)
+            rowsums = background_rowsums(int_model, op, kernel)
+            nbytes = packed.nbytes + (rowsums.nbytes if rowsums is not None else 0)
+        else:
+            nbytes = op.weights.size
         shape = f"{op.weights.shape[1]} -> {op.weights.shape[0]}" if op.kind == 'fc' else \
             f"3x3 x {op.weights.shape[0]} ch"
         bits = op.qtype.bits if op.kind == 'fc' else 8
@@ -73,7 +78,7 @@ def layer_table(int_model):
 
 
 def activation_ram(int_model):
-    """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see write_header)."""
+    """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
     plan = buffer_plan(int_model)
     return 4 * (plan['image'] + 2 * plan['conv'] + plan['features'] + plan['sums']) + plan['act']
 
