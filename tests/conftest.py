@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / 'shared' / 'original-checkpoints'
+
+
+def original_checkpoint(name):
+    """A checkpoint of the original BitNetMCU from ../shared. Outside CI a checkout without ../shared
+    skips the tests that need one; in CI (CI=true) its absence is a failure."""
+    path = SHARED / name
+    if not path.exists():
+        if os.environ.get('CI'):
+            pytest.fail(f"{path} is missing: CI must provide ../shared beside the checkout")
+        pytest.skip(f"{path} not present (../shared beside the checkout)")
+    return path
 
 
 @pytest.fixture(scope='session')

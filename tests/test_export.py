@@ -12,10 +12,9 @@ import test_inference
 import training
 from BitNetMCU import (ConfigError, ExportError, encode_input, load_checkpoint, load_config, reference_logits,
                        to_int_model)
-from conftest import ROOT
+from conftest import ROOT, original_checkpoint
 from dataset import normalize
 
-SHARED = ROOT.parent / 'shared' / 'original-checkpoints'
 EXPORTABLE = ['Binary', 'Ternary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
 STRICT = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O1']
 
@@ -71,7 +70,7 @@ def test_header_is_reproducible_byte_for_byte(small_mnist, run_dirs, tmp_path):
 @pytest.mark.parametrize('name,expected', [('fc_4bitsym_64_64_64_v02.pth', 0.9902),
                                            ('fc_4bitsym_64_64_64_octav.pth', 0.9878)])
 def test_original_checkpoints_reproduce_their_accuracy(mnist, tmp_path, name, expected):
-    path = SHARED / name
+    path = original_checkpoint(name)
     model, cfg, _ = load_checkpoint(path)
     assert (cfg['model'], cfg['network_width1'], cfg['network_width3']) == ('FCMNIST', 64, 64)
     header = tmp_path / 'model.h'
@@ -104,13 +103,14 @@ def test_bad_inputs_are_clear_errors_and_leave_no_header(small_mnist, run_dirs, 
     assert exportquant.main(['--checkpoint', str(corrupt), '--output', str(header)]) == 2
     assert 'cannot be read' in capsys.readouterr().err
     truncated = tmp_path / 'truncated.pth'
-    truncated.write_bytes((SHARED / 'fc_4bitsym_64_64_64_v02.pth').read_bytes()[:5000])
+    original = original_checkpoint('fc_4bitsym_64_64_64_v02.pth')
+    truncated.write_bytes(original.read_bytes()[:5000])
     assert exportquant.main(['--checkpoint', str(truncated), '--output', str(header)]) == 2
     assert 'cannot be read' in capsys.readouterr().err
     path = short_training(small_mnist, run_dirs)
     assert exportquant.main(['--checkpoint', str(path), '--set', 'QuantType=2bitsym', '--output', str(header)]) == 2
     assert "trained with QuantType='4bitsym'" in capsys.readouterr().err
-    assert exportquant.main(['--checkpoint', str(SHARED / 'fc_4bitsym_64_64_64_v02.pth'), '--set',
+    assert exportquant.main(['--checkpoint', str(original), '--set',
                              'network_width1=32', '--output', str(header)]) == 2
     assert 'network_width1=64' in capsys.readouterr().err
     assert exportquant.main(['--checkpoint', str(path), '--set', 'QuantType=3bit', '--output', str(header)]) == 2
@@ -153,7 +153,7 @@ def test_missing_default_checkpoint_says_train_first(tmp_path, capsys, monkeypat
 
 
 def test_summary_plots_and_stats(tmp_path, capsys):
-    model, _, _ = load_checkpoint(SHARED / 'fc_4bitsym_64_64_64_v02.pth')
+    model, _, _ = load_checkpoint(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'))
     int_model = to_int_model(model)
     int_model.layout = 'output-major'     # the original layout: 25,216 weights x 4 bits, nothing padded
     exportquant.print_summary(int_model)

@@ -7,8 +7,8 @@ import pytest
 import exportquant
 import test_inference
 from BitNetMCU import load_checkpoint
-from conftest import ROOT
-from test_export import SHARED, short_training
+from conftest import ROOT, original_checkpoint
+from test_export import short_training
 
 MCU = ROOT / 'mcu'
 
@@ -33,7 +33,7 @@ def make(tmp_path, target, header, blob, *goals):
 
 @pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
 def test_original_model_on_emulated_core_matches_host_on_10000_images(mnist, tmp_path, target):
-    header, blob, host = export_with_test_data(SHARED / 'fc_4bitsym_64_64_64_v02.pth', tmp_path, mnist)
+    header, blob, host = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
     run = make(tmp_path, target, header, blob, 'sim', 'size', 'nomul')
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"{target} (emulated, sim.elf): 10000 images, accuracy 99.02%, 0 mismatches" in run.stdout
@@ -44,7 +44,7 @@ def test_original_model_on_emulated_core_matches_host_on_10000_images(mnist, tmp
 
 
 def test_emulator_reports_mismatches_and_fails(mnist, tmp_path):
-    header, blob, _ = export_with_test_data(SHARED / 'fc_4bitsym_64_64_64_v02.pth', tmp_path, mnist)
+    header, blob, _ = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
     data = bytearray(blob.read_bytes())
     data[8 + 10000 * 256 + 10000 + 7] ^= 1          # corrupt the expected prediction of image 7
     blob.write_bytes(bytes(data))
