@@ -9,6 +9,7 @@ This is the one shared module. Read it top to bottom:
 """
 import difflib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -513,19 +514,27 @@ def run_name(cfg):
             f"{cfg['maxw_algo']}_ep{cfg['num_epochs']}_{config_hash(cfg)}")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def atomic_write(path, data):
+    """Write bytes or text to a temporary file beside `path`, then rename it into place: a crash or an
+    error never leaves half a file, and never clobbers the previous one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------

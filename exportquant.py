@@ -8,15 +8,13 @@ Prints a summary (per layer: type, shape, bits, bytes; the RAM the C engine need
 and the accuracy of the float model and of the integer model on the MNIST test set.
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from BitNetMCU import (PROJECT_DIR, ConfigError, ExportError, encode_input, load_checkpoint, load_config,
+from BitNetMCU import (PROJECT_DIR, ConfigError, ExportError, atomic_write, encode_input, load_checkpoint, load_config,
                        LAYOUTS, pack_layer, parse_overrides, reference_logits, run_name, to_int_model)
 from dataset import DataError, load_dataset, normalize
 
@@ -228,21 +226,6 @@ def header_text(int_model, source_name):
             + '\n'.join(parts) + '\n' + infer_function(int_model, arrays) + "\n#endif\n")
 
 
-def atomic_write_text(path, text):
-    """Write text to a temporary file beside path, then rename: no partial header is ever left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------
 # Accuracy and plots
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +288,7 @@ def main(argv=None):
         int_model.layout = args.layout
         print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
         print_summary(int_model)
-        atomic_write_text(args.output, header_text(int_model, path.name))
+        atomic_write(args.output, header_text(int_model, path.name))
         print(f"Wrote {args.output}")
         if args.plots:
             write_plots(int_model, args.plots)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from BitNetMCU import LAYOUTS, PROJECT_DIR, ConfigError, ExportError, encode_input, reference_logits, to_int_model
+from BitNetMCU import (LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, encode_input, reference_logits,
+                       to_int_model)
 from dataset import DataError, load_dataset, normalize
-from exportquant import (DEFAULT_OUTPUT, add_model_arguments, atomic_write_text, c_array, header_text,
+from exportquant import (DEFAULT_OUTPUT, add_model_arguments, c_array, header_text,
                          load_model_from_args)
 
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
@@ -131,7 +132,7 @@ def blob_to_header(blob_path, n, header_path):
     images = np.frombuffer(data, np.int8, count * 256, 8).reshape(count, 256)
     labels = np.frombuffer(data, np.uint8, count, 8 + count * 256)
     predictions = np.frombuffer(data, np.uint8, count, 8 + count * 257)
-    atomic_write_text(header_path, test_data_header(images[:n], labels[:n], predictions[:n]))
+    atomic_write(header_path, test_data_header(images[:n], labels[:n], predictions[:n]))
 
 
 def verify(model, int_model, header, data, log=print):
@@ -189,14 +190,10 @@ def main(argv=None):
     print(f"C vs Python: {r['mismatches']} mismatching images (every logit compared); "
           f"C {r['c_time']:.3f}s, Python {r['python_time']:.3f}s for {r['n']} images")
     n = max(0, min(args.test_images, r['n']))
-    atomic_write_text(args.test_data, test_data_header(r['images'][:n], r['labels'][:n], r['predictions'][:n]))
+    atomic_write(args.test_data, test_data_header(r['images'][:n], r['labels'][:n], r['predictions'][:n]))
     print(f"Wrote {args.test_data} ({n} images)")
-    blob = Path(args.test_blob)
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    tmp = blob.with_suffix('.tmp')
-    tmp.write_bytes(test_data_blob(r['images'], r['labels'], r['predictions']))
-    tmp.replace(blob)
-    print(f"Wrote {blob} ({r['n']} images)")
+    atomic_write(args.test_blob, test_data_blob(r['images'], r['labels'], r['predictions']))
+    print(f"Wrote {args.test_blob} ({r['n']} images)")
     return 1 if r['mismatches'] else 0
 
 

@@ -14,13 +14,12 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, atomic_save, build_model, code_entropy_bits, describe_config,
+from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, atomic_save, atomic_write, build_model, code_entropy_bits, describe_config,
                        load_config, parse_overrides, quant_layers, run_name)
 from dataset import DataError, augment, load_dataset, normalize
 
@@ -134,9 +133,7 @@ def write_metrics_csv(history, path):
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    tmp = path.with_suffix('.csv.tmp')
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    atomic_write(path, buf.getvalue())
 
 
 def format_epoch(m, num_epochs, layer_names):

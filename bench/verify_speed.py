@@ -14,12 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from BitNetMCU import PROJECT_DIR, encode_input, load_checkpoint, reference_logits, to_int_model  # noqa: E402
 from dataset import load_dataset, normalize  # noqa: E402
-from exportquant import atomic_write_text, header_text  # noqa: E402
+from exportquant import header_text  # noqa: E402
 from test_inference import build_engine, run_c  # noqa: E402
 
 DEFAULT = PROJECT_DIR.parent / 'shared' / 'original-checkpoints' / 'fc_4bitsym_64_64_64_v02.pth'
@@ -36,7 +35,7 @@ def main():
     images = encode_input(normalize(data['test_x16']))
     with tempfile.TemporaryDirectory() as tmp:
         header = Path(tmp) / 'model.h'
-        atomic_write_text(header, header_text(int_model, Path(args.checkpoint).name))
+        header.write_text(header_text(int_model, Path(args.checkpoint).name))
         start = time.perf_counter()
         ffi, lib = build_engine(header, log=lambda *a: None)
         build = time.perf_counter() - start

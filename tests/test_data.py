@@ -1,5 +1,4 @@
 """Data: IDX parsing and its errors, checksums, EMNIST, the PIL-exact resize, augmentation."""
-import gzip
 import hashlib
 
 import numpy as np

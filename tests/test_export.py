@@ -10,7 +10,7 @@ import torch
 import exportquant
 import test_inference
 import training
-from BitNetMCU import (ConfigError, ExportError, encode_input, load_checkpoint, load_config, reference_logits,
+from BitNetMCU import (ExportError, encode_input, load_checkpoint, load_config, reference_logits,
                        to_int_model)
 from conftest import ROOT, original_checkpoint
 from dataset import normalize
