@@ -6,6 +6,9 @@ This is the one shared module. Read it top to bottom:
   3. layers              - BitLinear and BitConv2d: fake-quantized weights and 8-bit activations (STE)
   4. models              - FCMNIST and CNNMNIST, each one flat nn.Sequential called `layers`
   5. config              - the one place where trainingparameters.yaml is read and validated
+  6. integer model       - what the MCU runs, and the numpy reference that is bit-exact with C
+  7. packing             - integer weights into the words the C kernels read (both layouts)
+  8. checkpoints         - ours (with config) and the original BitNetMCU's (plain state_dicts)
 """
 import difflib
 import hashlib
@@ -43,15 +46,17 @@ NF4_LEVELS_FLOAT = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
 NF4_LEVELS_INT8 = [round(v * 127) for v in NF4_LEVELS_FLOAT]
 
 
+# Binary and Ternary take their statistics over the whole tensor: the integer engine has one scale per
+# layer, so a per-row step would make the exported model differ from the trained one.
 def _quant_binary(w, s):
     # s is not used: the sign around the mean is the whole quantizer; mean|w| keeps the scale sensible.
-    u = torch.where(w - w.mean(dim=-1, keepdim=True) >= 0, 1.0, -1.0)
-    return u, w.abs().mean(dim=-1, keepdim=True)
+    u = torch.where(w - w.mean() >= 0, 1.0, -1.0)
+    return u, w.abs().mean().reshape(1)
 
 
 def _quant_ternary(w, s):
     # s is not used: BitNet b1.58's absmean rule sets the zero band.
-    step = w.abs().mean(dim=-1, keepdim=True).clamp_min(1e-8)
+    step = w.abs().mean().clamp_min(1e-8).reshape(1)
     return (w / step).round().clamp(-1, 1), step
 
 
@@ -589,6 +594,9 @@ def to_int_model(model):
     for index, module in model.layers.named_children():
         label = f'layers.{index}'
         if isinstance(module, BitConv2d):
+            if module.per_output:
+                raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
+                                  "integer engine does not have; train with WScale PerTensor to export")
             if module.qtype.conv_shift is None:
                 raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
                                   f"use conv_QuantType 8bit, 4bit, 4bitsym, 2bitsym, Ternary, Binary or NF4")
@@ -597,6 +605,9 @@ def to_int_model(model):
         elif isinstance(module, nn.MaxPool2d):
             ops.append(IntOp('maxpool', name=label))
         elif isinstance(module, BitLinear):
+            if module.per_output:
+                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
+                                  "engine does not have; train with WScale PerTensor to export")
             if not isinstance(module.norm, (RMSNorm, nn.Identity)):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
                                   "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")

@@ -1,0 +1,173 @@
+"""Regenerate docs/results.md, its plots and the zoo headers from the committed zoo checkpoints.
+
+    python docs/make_results.py
+
+For every configs/<name>.yaml whose checkpoint modeldata/<run name>.pth exists: export
+mcu/models/<name>.h, verify C against Python on all 10,000 test images (0 mismatches or it stops),
+run the firmware on emulated CH32V003 and CH32V002 cores (instructions per inference), link it for
+the chip (flash, stack), and write one table beside the original BitNetMCU's published figures.
+Plots: accuracy against weight bytes (docs/accuracy_vs_size.png) and the training curves of each
+zoo model (docs/training_curves.png).
+"""
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'mcu'))
+import firmware  # noqa: E402
+import test_inference  # noqa: E402
+from BitNetMCU import atomic_write, load_checkpoint, load_config, run_name, to_int_model  # noqa: E402
+from dataset import load_dataset  # noqa: E402
+from exportquant import header_text, layer_table  # noqa: E402
+
+CONFIGS = ROOT / 'configs'
+MODELS = ROOT / 'mcu' / 'models'
+DOCS = ROOT / 'docs'
+# config name: (what, original accuracy %, original weight size in KB as published, our target)
+ORIGINAL = {
+    'fc_4bitsym_64x3': ('FC 4bitsym 64/64/64, multiplier-free', 99.02, 12.3, '>= 99.15 % at <= 12.3 KB'),
+    'fc_fp130_64x3': ('FC FP130 64/64/64, shifts only', 98.86, 12.3, '>= 99.0 %'),
+    'fc_2bitsym_16x2': ('FC 2bitsym 16/16, tiny', 94.22, 1.1, '>= 95.0 % at <= 1.1 KB'),
+    'fc_ternary_64x3': ('FC Ternary 64/64/64, multiplier-free', None, None, '>= 99.0 % at <= 12.3 KB'),
+    'fc_nf4_64x3': ('FC NF4 64/64/64', None, None, '>= 99.1 %'),
+    'cnn64_2bit_96x64': ('CNN 64 wide, 2-bit fc1 (needs multiply)', 99.55, 11.0, '>= 99.55 % at <= 11.0 KB'),
+    'cnn16_small': ('CNN 16 wide, small', 98.92, 3.2, '>= 99.0 % at <= 3.2 KB'),
+}
+
+
+def weight_bytes(int_model):
+    """Bytes of the weights alone in the original layout (what the original project's sizes count)."""
+    layout, int_model.layout = int_model.layout, 'output-major'
+    total = sum(row[5] for row in layer_table(int_model)[0])
+    int_model.layout = layout
+    return total
+
+
+def measure(name, data, work):
+    cfg = load_config(CONFIGS / f'{name}.yaml')
+    checkpoint = ROOT / 'modeldata' / f'{run_name(cfg)}.pth'
+    if not checkpoint.exists():
+        return None
+    model, cfg, _ = load_checkpoint(checkpoint)
+    int_model = to_int_model(model)
+    header = MODELS / f'{name}.h'
+    atomic_write(header, header_text(int_model, checkpoint.name))
+    r = test_inference.verify(model, int_model, header, data, log=lambda *a: None)
+    if r['mismatches']:
+        sys.exit(f"{name}: C and Python disagree on {r['mismatches']} images")
+    blob = work / f'{name}.bin'
+    blob.write_bytes(test_inference.test_data_blob(r['images'], r['labels'], r['predictions']))
+    row = {'name': name, 'float': r['float_acc'], 'python': r['python_acc'], 'c': r['c_acc'],
+           'mismatches': r['mismatches'], 'weights': weight_bytes(int_model), 'history': training_history(checkpoint),
+           'epochs': cfg['num_epochs']}
+    for target in ('CH32V003', 'CH32V002'):
+        build = work / name / target
+        subprocess.run(['make', '-C', str(ROOT / 'mcu'), f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
+                        f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}', str(build / 'sim.elf')],
+                       check=True, capture_output=True)
+        sim = firmware.run_qemu(build / 'sim.elf', blob, target)
+        if sim['mismatches']:
+            sys.exit(f"{name} on {target}: {sim['mismatches']} mismatches")
+        fits = subprocess.run(['make', '-C', str(ROOT / 'mcu'), f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
+                               f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}',
+                               str(build / 'flash.elf')], capture_output=True).returncode == 0
+        flash, ram = firmware.section_sizes(build / 'flash.elf') if fits else (None, None)
+        row[target] = {'mean': sim['mean'], 'accuracy': sim['correct'] / sim['images'], 'flash': flash,
+                       'stack': sim['stack'], 'fits': fits and ram + sim['stack'] <= firmware.CHIPS[target][1]}
+    return row
+
+
+def training_history(path):
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=True)['history']
+
+
+def plots(rows):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        what, acc, size, _ = ORIGINAL[row['name']]
+        ax.scatter(row['weights'] / 1024, 100 * row['c'], color='tab:blue')
+        ax.annotate(what.split(',')[0], (row['weights'] / 1024, 100 * row['c']), fontsize=7,
+                    xytext=(4, 3), textcoords='offset points')
+        if acc is not None:
+            ax.scatter(size, acc, color='tab:orange', marker='s')
+    ax.scatter([], [], color='tab:blue', label='this project (integer model, C engine)')
+    ax.scatter([], [], color='tab:orange', marker='s', label='original BitNetMCU (published)')
+    ax.set_xscale('log')
+    ax.set_xlabel('weight size (KB)')
+    ax.set_ylabel('MNIST test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(DOCS / 'accuracy_vs_size.png', dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for row in rows:
+        history = row['history']
+        epochs = [m['epoch'] for m in history]
+        axes[0].plot(epochs, [100 * (1 - m['test_acc']) for m in history], label=row['name'])
+        axes[1].plot(epochs, [m['train_loss'] for m in history], label=row['name'])
+    axes[0].set_yscale('log')
+    axes[0].set_ylabel('test error, float QAT model (%)')
+    axes[1].set_yscale('log')
+    axes[1].set_ylabel('training loss (clean + augmented)')
+    for ax in axes:
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / 'training_curves.png', dpi=120)
+    plt.close(fig)
+
+
+def markdown(rows):
+    lines = ["# Results: the model zoo", "",
+             "Generated by `python docs/make_results.py` from the checkpoints in `modeldata/` (configs in",
+             "`configs/`, headers in `mcu/models/`). Accuracy: MNIST test set, all 10,000 images, 16x16 input.",
+             "Float: the QAT model in PyTorch; integer: the exported model in the Python reference and in C",
+             "(identical by test); MCU: the firmware on an emulated core (exact instruction counts).",
+             "Weight bytes count the weights alone, as the original project's figures do (its sizes are",
+             "the KB figures it published). Zoo models were trained with OMP_NUM_THREADS=1:",
+             "`OMP_NUM_THREADS=1 python training.py --params configs/<name>.yaml` reproduces them.", "",
+             "| model | epochs | float | integer (C) | C vs Python mismatches | weight bytes | original | "
+             "target | V003 instr./inference | V002 instr./inference | V003 flash | stack |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        what, acc, size, target = ORIGINAL[row['name']]
+        original = f"{acc:.2f} % at {size} KB" if acc is not None else '-'
+        v3, v2 = row['CH32V003'], row['CH32V002']
+        flash = f"{v3['flash']}" if v3['fits'] else 'does not fit (use V002)'
+        lines.append(f"| {what} | {row['epochs']} | {100 * row['float']:.2f} % | {100 * row['c']:.2f} % | "
+                     f"{row['mismatches']} | {row['weights']} | {original} | {target} | {v3['mean']:,.0f} | "
+                     f"{v2['mean']:,.0f} | {flash} | {v3['stack']} |")
+    lines += ["", "![accuracy vs weight size](accuracy_vs_size.png)", "",
+              "![training curves](training_curves.png)", ""]
+    return '\n'.join(lines)
+
+
+def main():
+    data = load_dataset('MNIST', log=lambda *a: None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ORIGINAL:
+            row = measure(name, data, Path(tmp))
+            if row is None:
+                print(f"{name}: no checkpoint yet (python training.py --params configs/{name}.yaml)")
+                continue
+            print(f"{name}: float {100 * row['float']:.2f} %, integer {100 * row['c']:.2f} %, "
+                  f"{row['weights']} weight bytes, V003 {row['CH32V003']['mean']:,.0f} instructions")
+            rows.append(row)
+    if rows:
+        plots(rows)
+        atomic_write(DOCS / 'results.md', markdown(rows))
+        print(f"Wrote {DOCS / 'results.md'}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,30 @@
+"""The model zoo: every config in configs/ has its committed checkpoint, the committed header in
+mcu/models/ is exactly what the checkpoint exports to, and C matches Python on all 10,000 images."""
+from pathlib import Path
+
+import pytest
+
+import test_inference
+from BitNetMCU import load_checkpoint, load_config, run_name, to_int_model
+from conftest import ROOT
+from exportquant import header_text
+
+CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
+
+
+def test_zoo_is_not_empty():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
+def test_zoo_model_header_is_current_and_c_matches_python(mnist, config, tmp_path):
+    checkpoint = ROOT / 'modeldata' / f'{run_name(load_config(config))}.pth'
+    assert checkpoint.exists(), f"{checkpoint.name} is not committed: python training.py --params {config}"
+    header = ROOT / 'mcu' / 'models' / f'{config.stem}.h'
+    model, _, metrics = load_checkpoint(checkpoint)
+    int_model = to_int_model(model)
+    assert header.read_text() == header_text(int_model, checkpoint.name), \
+        f"{header} is stale: python docs/make_results.py"
+    result = test_inference.verify(model, int_model, Path(header), mnist, log=lambda *a: None)
+    assert result['n'] == 10000 and result['mismatches'] == 0
+    assert abs(result['float_acc'] - metrics['test_acc']) <= 1e-4   # the checkpoint's own record (1 image)
