@@ -142,7 +142,8 @@ def markdown(rows):
         what, acc, size, target = ORIGINAL[row['name']]
         original = f"{acc:.2f} % at {size} KB" if acc is not None else '-'
         v3, v2 = row['CH32V003'], row['CH32V002']
-        flash = f"{v3['flash']}" if v3['fits'] else 'does not fit (use V002)'
+        flash = f"{v3['flash']}" if v3['fits'] else ('does not fit; fits V002' if v2['fits'] else
+                                                     'fits neither (RAM)')
         lines.append(f"| {what} | {row['epochs']} | {100 * row['float']:.2f} % | {100 * row['c']:.2f} % | "
                      f"{row['mismatches']} | {row['weights']} | {original} | {target} | {v3['mean']:,.0f} | "
                      f"{v2['mean']:,.0f} | {flash} | {v3['stack']} |")
