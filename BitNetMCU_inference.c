@@ -170,7 +170,7 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
             }
             for (uint32_t j = 0; j < (32u >> shift); j++, word <<= bits) {
                 uint32_t code = word >> (32u - bits);
-                *s++ += t == EIGHTBIT ? a * (int32_t)(int8_t)code : table[code];
+                *s++ += t == EIGHTBIT ? times_code(a, code, t) : table[code];
             }
         }
     }

@@ -9,13 +9,15 @@ and the accuracy of the float model and of the integer model on the MNIST test s
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from BitNetMCU import (PROJECT_DIR, ConfigError, ExportError, atomic_write, encode_input, load_checkpoint, load_config,
-                       LAYOUTS, pack_layer, parse_overrides, reference_logits, run_name, to_int_model)
+from BitNetMCU import (LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, code_entropy_bits, encode_input,
+                       load_checkpoint, load_config, pack_layer, parse_overrides, reference_logits, run_name,
+                       to_int_model)
 from dataset import DataError, load_dataset, normalize
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
@@ -51,8 +53,7 @@ def load_model_from_args(args):
 
 def weight_stats(op):
     codes, counts = np.unique(op.weights, return_counts=True)
-    p = counts / counts.sum()
-    entropy = float(-(p * np.log2(p)).sum())
+    entropy = code_entropy_bits(torch.from_numpy(op.weights))
     return {'min': int(op.weights.min()), 'max': int(op.weights.max()), 'mean': float(op.weights.mean()),
             'std': float(op.weights.std()), 'codes': dict(zip(codes.tolist(), counts.tolist())),
             'entropy': entropy, 'capacity': entropy / op.qtype.bits}
@@ -230,14 +231,17 @@ def header_text(int_model, source_name):
 # Accuracy and plots
 # ------------------------------------------------------------------------------------------------
 
-def evaluate_models(model, int_model, data):
-    """Float and integer accuracy on the full test set, and how many images they disagree on."""
+def test_set_predictions(model, int_model, data):
+    """The test images as the MCU sees them (int8), their labels, the float model's predicted classes and
+    the integer reference's logits (with the seconds the reference took)."""
     x, y = normalize(data['test_x16']), data['test_y'].numpy()
+    images = encode_input(x)
     with torch.no_grad():
         float_pred = model.eval()(x).argmax(1).numpy()
-    int_pred = reference_logits(int_model, encode_input(x)).argmax(1)
-    return {'float_acc': float((float_pred == y).mean()), 'int_acc': float((int_pred == y).mean()),
-            'disagree': int((float_pred != int_pred).sum()), 'n': len(y)}
+    start = time.perf_counter()
+    logits = reference_logits(int_model, images)
+    return {'images': images, 'labels': y, 'float_pred': float_pred, 'logits': logits,
+            'python_time': time.perf_counter() - start}
 
 
 def write_plots(int_model, directory, log=print):
@@ -293,9 +297,11 @@ def main(argv=None):
         if args.plots:
             write_plots(int_model, args.plots)
         if not args.no_eval:
-            r = evaluate_models(model, int_model, load_dataset(cfg['dataset']))
-            print(f"Test accuracy on {r['n']} images: float model {100 * r['float_acc']:.2f}%, integer model "
-                  f"{100 * r['int_acc']:.2f}%; they disagree on {r['disagree']} images")
+            p = test_set_predictions(model, int_model, load_dataset(cfg['dataset']))
+            y, float_pred, int_pred = p['labels'], p['float_pred'], p['logits'].argmax(1)
+            print(f"Test accuracy on {len(y)} images: float model {100 * (float_pred == y).mean():.2f}%, "
+                  f"integer model {100 * (int_pred == y).mean():.2f}%; "
+                  f"they disagree on {int((float_pred != int_pred).sum())} images")
     except (ConfigError, ExportError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from BitNetMCU import (LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, encode_input, reference_logits,
-                       to_int_model)
-from dataset import DataError, load_dataset, normalize
-from exportquant import (DEFAULT_OUTPUT, add_model_arguments, c_array, header_text,
-                         load_model_from_args)
+from BitNetMCU import LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, to_int_model
+from dataset import DataError, load_dataset
+from exportquant import (DEFAULT_OUTPUT, add_model_arguments, c_array, header_text, load_model_from_args,
+                         test_set_predictions)
 
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
 BUILD_DIR = PROJECT_DIR / 'build' / 'cffi'
@@ -138,23 +137,16 @@ def blob_to_header(blob_path, n, header_path):
 def verify(model, int_model, header, data, log=print):
     """Compare C and Python on every test image. Returns a dict of accuracies, mismatches and timings."""
     ffi, lib = build_engine(header, log=log)
-    x = normalize(data['test_x16'])
-    y = data['test_y'].numpy()
-    images = encode_input(x)
+    p = test_set_predictions(model, int_model, data)
+    images, y, float_pred, py_logits = p['images'], p['labels'], p['float_pred'], p['logits']
     start = time.perf_counter()
     c_logits, c_classes = run_c(ffi, lib, images, int_model.num_classes)
     c_time = time.perf_counter() - start
-    start = time.perf_counter()
-    py_logits = reference_logits(int_model, images)
-    py_time = time.perf_counter() - start
-    import torch
-    with torch.no_grad():
-        float_pred = model.eval()(x).argmax(1).numpy()
     logit_mismatch = int((c_logits != py_logits).any(axis=1).sum())
     class_mismatch = int((c_classes != py_logits.argmax(1)).sum())
     return {'n': len(y), 'float_acc': float((float_pred == y).mean()),
             'python_acc': float((py_logits.argmax(1) == y).mean()), 'c_acc': float((c_classes == y).mean()),
-            'mismatches': max(logit_mismatch, class_mismatch), 'c_time': c_time, 'python_time': py_time,
+            'mismatches': max(logit_mismatch, class_mismatch), 'c_time': c_time, 'python_time': p['python_time'],
             'images': images, 'labels': y, 'predictions': c_classes}
 
 
