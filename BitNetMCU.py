@@ -432,6 +432,12 @@ CONFIG_SCHEMA = {
     'T_0': (int, 10, _at_least(1), 'CosineWarmRestarts first period in epochs'),
     'T_mult': (int, 2, _at_least(1), 'CosineWarmRestarts period multiplier'),
     'halve_lr_epoch': (int, -1, _at_least(-1), 'halve the learning rate from this epoch on (-1: never)'),
+    'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
+    'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
+                  'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
+    'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
+    'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),
+    'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),
     'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
     'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
@@ -504,8 +510,9 @@ def validate_config(raw):
 
 
 def config_hash(cfg):
-    """Short hash of every setting that shapes the trained weights (not the device)."""
-    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device'}
+    """Short hash of every setting that shapes the trained weights (not the device). Keys at their
+    default are left out, so adding a key to the schema renames no earlier run."""
+    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device' and v != CONFIG_SCHEMA[k][1]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -71,11 +71,14 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
 
 /* 3x3 convolution of one size x size channel (no padding) with int8 weights, then ReLU and a fixed
- * right shift: output[(size-2)^2] = max(0, sum) >> shift. */
+ * right shift: output[(size-2)^2] = max(0, sum) >> shift. Works in place (output == input). The
+ * _image variant reads the int8 image, so the first layer needs no int32 copy of it. */
 void BitNetMCU_conv3x3_relu(const int32_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
                             int32_t *output);
+void BitNetMCU_conv3x3_relu_image(const int8_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
+                                  int32_t *output);
 
-/* 2x2 max pooling, stride 2, of one size x size channel (size even). */
+/* 2x2 max pooling, stride 2, of one size x size channel (size even). Works in place. */
 void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 
 /* Index of the first maximum. */

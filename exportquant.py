@@ -79,7 +79,7 @@ def layer_table(int_model):
 def activation_ram(int_model):
     """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
     plan = buffer_plan(int_model)
-    return 4 * (plan['image'] + 2 * plan['conv'] + plan['features'] + plan['sums']) + plan['act']
+    return 4 * (max(plan['conv'], plan['sums']) + plan['features']) + plan['act']
 
 
 def print_summary(int_model, log=print):
@@ -122,9 +122,8 @@ def buffer_plan(int_model):
         size = size - 2 if op.kind == 'conv' else size // 2
         biggest = max(biggest, size * size)
     fed_by_act = fcs if stack else fcs[1:]
-    return {'image': int_model.input_size ** 2 if stack else 0, 'conv': biggest,
-            'features': stack[0].weights.shape[0] * size * size if stack else 0, 'final_size': size,
-            'sums': max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs),
+    return {'conv': biggest, 'features': stack[0].weights.shape[0] * size * size if stack else 0,
+            'final_size': size, 'sums': max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs),
             'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
 
 
@@ -133,28 +132,30 @@ def infer_function(int_model, arrays):
     plan = buffer_plan(int_model)
     stack, rest = split_ops(int_model)
     lines = []
-    lines.append(f"    int32_t sums[{plan['sums']}];")
+    if stack:
+        # The convolution maps and, after them, the fully connected sums share one buffer.
+        lines.append(f"    int32_t scratch[{max(plan['conv'], plan['sums'])}], *sums = scratch;")
+    else:
+        lines.append(f"    int32_t sums[{plan['sums']}];")
     if plan['act']:
         lines.append(f"    int8_t act[{plan['act']}];")
     source, count = 'input', None
     if stack:
-        # Depthwise after the first conv: each channel runs through the whole stack on its own,
-        # so only one channel's intermediate maps are ever in RAM.
+        # Depthwise after the first conv: each channel runs through the whole stack on its own, in
+        # place in `scratch`, so only one channel's map is ever in RAM.
         convs = [op for op in stack if op.kind == 'conv']
         channels = convs[0].weights.shape[0]
-        lines += [f"    int32_t image[{plan['image']}], buf_a[{plan['conv']}], buf_b[{plan['conv']}];",
-                  f"    int32_t features[{plan['features']}], *feature = features;",
+        lines += [f"    int32_t features[{plan['features']}], *feature = features;",
                   "    " + 'const int8_t ' + ', '.join(f"*w{i} = {arrays[id(op)]}" for i, op in enumerate(convs)) + ';',
-                  f"    for (uint32_t i = 0; i < {plan['image']}u; i++)",
-                  "        image[i] = input[i];",
                   f"    for (uint32_t c = 0; c < {channels}u; c++, "
                   + ''.join(f"w{i} += 9, " for i in range(len(convs)))
                   + f"feature += {plan['final_size'] ** 2}) {{"]
-        size, src, k = int_model.input_size, 'image', 0
+        size, src, k = int_model.input_size, 'input', 0
         for i, op in enumerate(stack):
-            dst = 'feature' if i == len(stack) - 1 else ('buf_b' if src == 'buf_a' else 'buf_a')
+            dst = 'feature' if i == len(stack) - 1 else 'scratch'
             if op.kind == 'conv':
-                lines.append(f"        BitNetMCU_conv3x3_relu({src}, {size}u, w{k}, {op.shift}u, {dst});")
+                kernel = 'BitNetMCU_conv3x3_relu_image' if src == 'input' else 'BitNetMCU_conv3x3_relu'
+                lines.append(f"        {kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
                 size, k = size - 2, k + 1
             else:
                 lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")

@@ -41,6 +41,8 @@ void BitNetMCU_fc_rows_Ternary(const int8_t *input, uint32_t n_in, const void *w
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
 void BitNetMCU_conv3x3_relu(const int32_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
                             int32_t *output);
+void BitNetMCU_conv3x3_relu_image(const int8_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
+                                  int32_t *output);
 void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n);
 """

@@ -8,6 +8,7 @@ Writes modeldata/<run name>.pth (state_dict + config + metrics: all later script
 runs/<run name>/ (metrics.csv, resumable checkpoint.pt, TensorBoard logs when tensorboard is installed).
 """
 import argparse
+import copy
 import csv
 import io
 import math
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, atomic_save, atomic_write, build_model, code_entropy_bits, describe_config,
-                       load_config, parse_overrides, quant_layers, run_name)
+                       load_checkpoint, load_config, parse_overrides, quant_layers, run_name)
 from dataset import DataError, augment, load_dataset, normalize
 
 MODEL_DIR = PROJECT_DIR / 'modeldata'
@@ -78,8 +79,60 @@ def epoch_data(data, cfg, epoch):
     return x[order], y[order]
 
 
-def train_epoch(model, optimizer, x, y, batch_size, device, desc='train'):
+def load_teacher(cfg, device):
+    """The frozen model whose softened predictions the student learns too (distillation), or None."""
+    if not cfg['teacher']:
+        return None
+    path = PROJECT_DIR / cfg['teacher']
+    if not path.exists():
+        raise ConfigError(f"config key 'teacher': {cfg['teacher']!r} does not exist (paths are relative to {PROJECT_DIR})")
+    teacher, _, _ = load_checkpoint(path)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def loss_fn(out, y, cfg, teacher_out=None):
+    """Cross-entropy (with label smoothing), mixed with the KL divergence to the teacher's softened
+    predictions; T^2 keeps the soft term's gradient scale independent of the temperature."""
+    loss = F.cross_entropy(out, y, label_smoothing=cfg['label_smoothing'])
+    if teacher_out is None:
+        return loss
+    t, a = cfg['distill_temperature'], cfg['distill_weight']
+    soft = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                    log_target=True, reduction='batchmean') * t * t
+    return (1 - a) * loss + a * soft
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters, updated after every optimizer step.
+    Its clipping scalars are its own, re-estimated from the averaged weights like the live model's."""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))   # short memory at the start
+        for avg, live in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(live, 1 - decay)
+        for (name, avg), live in zip(self.model.named_buffers(), model.buffers()):
+            if not name.endswith('.s'):   # e.g. BatchNorm statistics follow the live model
+                avg.copy_(live)
+
+    def state_dict(self):
+        return {'model': self.model.state_dict(), 'steps': self.steps}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state['model'])
+        self.steps = state['steps']
+
+
+def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None, desc='train'):
     """One pass over (x, y) in order; returns mean loss and accuracy of the training batches."""
+    batch_size = cfg['batch_size']
     batches = range(0, len(y), batch_size)
     if tqdm is not None:
         batches = tqdm(batches, desc=desc, leave=False, disable=None, unit='batch', mininterval=0.5)
@@ -87,10 +140,14 @@ def train_epoch(model, optimizer, x, y, batch_size, device, desc='train'):
     for i in batches:
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out = model(xb)
-        loss = F.cross_entropy(out, yb)
+        with torch.no_grad():
+            teacher_out = teacher(xb) if teacher is not None else None
+        loss = loss_fn(out, yb, cfg, teacher_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update(model)
         loss_sum += loss.detach() * len(yb)
         correct += (out.argmax(1) == yb).sum()
     return float(loss_sum) / len(y), float(correct) / len(y)
@@ -142,6 +199,7 @@ def format_epoch(m, num_epochs, layer_names):
     return (f"epoch {m['epoch']:3d}/{num_epochs}  lr {m['lr']:.2e}  "
             f"train {m['train_loss']:.4f} {100 * m['train_acc']:6.2f}%  "
             f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
+            + (f"(live {100 * m['test_acc_live']:6.2f}%)  " if 'test_acc_live' in m else '') +
             f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s  | s: {s} | bits: {h}")
 
 
@@ -164,6 +222,8 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     torch.manual_seed(cfg['seed'])
     model = build_model(cfg, data['num_classes']).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
+    teacher = load_teacher(cfg, device)
+    average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
     history, start_epoch = [], 0
     if ckpt_path.exists() and not restart:
         if not resume:
@@ -173,6 +233,8 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
             state = torch.load(ckpt_path, map_location=device, weights_only=False)
             model.load_state_dict(state['model'])
             optimizer.load_state_dict(state['optimizer'])
+            if average is not None:
+                average.load_state_dict(state['average'])
         except Exception as e:
             raise ConfigError(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {e}); "
                               f"pass --restart to start over") from None
@@ -196,22 +258,26 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
         for epoch in range(start_epoch, cfg['num_epochs']):
             t0 = time.time()
             if epoch < cfg['maxw_update_until_epoch']:
-                for _, layer in quant_layers(model):
+                for _, layer in quant_layers(model) + (quant_layers(average.model) if average else []):
                     layer.update_clipping()
             lr = lr_at(cfg, epoch)
             for group in optimizer.param_groups:
                 group['lr'] = lr
             x, y = epoch_data(data, cfg, epoch)
-            train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg['batch_size'], device,
+            train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg, device, teacher, average,
                                                 f"epoch {epoch + 1}/{cfg['num_epochs']}")
-            test_loss, test_acc, positive = evaluate(model, test_x, test_y, device)
+            final_model = average.model if average else model   # what is evaluated and saved
+            test_loss, test_acc, positive = evaluate(final_model, test_x, test_y, device)
             metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
                        'train_acc': train_acc, 'test_loss': test_loss, 'test_acc': test_acc,
                        'act_positive': positive, 'time_s': time.time() - t0}
-            for layer, (s, bits) in layer_stats(model).items():
+            if average is not None:
+                metrics['test_acc_live'] = evaluate(model, test_x, test_y, device)[1]
+            for layer, (s, bits) in layer_stats(final_model).items():
                 metrics[f's/{layer}'], metrics[f'entropy/{layer}'] = s, bits
             history.append(metrics)
             atomic_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'average': average.state_dict() if average else None,
                          'epoch': epoch + 1, 'history': history, 'config': cfg}, ckpt_path)
             write_metrics_csv(history, run_dir / 'metrics.csv')
             if writer is not None:
@@ -232,7 +298,7 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
             writer.close()
 
     atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': name, 'config': cfg,
-                 'num_classes': data['num_classes'], 'state_dict': model.state_dict(),
+                 'num_classes': data['num_classes'], 'state_dict': (average.model if average else model).state_dict(),
                  'metrics': history[-1], 'history': history}, model_path)
     ckpt_path.unlink()   # the run is complete: the model file holds everything
     final = history[-1]

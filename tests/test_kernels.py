@@ -85,15 +85,26 @@ def test_shiftnorm_matches_python(engine, values):
 
 @given(st.integers(3, 16), st.integers(0, 7), st.integers(0, 2 ** 32 - 1), st.sampled_from([127, 2 ** 15, 2 ** 20]))
 def test_conv3x3_matches_python(engine, size, shift, seed, magnitude):
+    """Into a separate buffer and in place (the generated code runs the whole stack in one buffer)."""
     ffi, lib = engine
     rng = np.random.default_rng(seed)
     x = rng.integers(-magnitude, magnitude + 1, (size, size)).astype(np.int32)
     w = rng.integers(-128, 128, 9).astype(np.int8)
+    _, expected = conv3x3_relu(x[None, None].astype(np.int64), w[None].astype(np.int64), shift)
     out = np.zeros((size - 2) ** 2, np.int32)
     lib.BitNetMCU_conv3x3_relu(ffi.from_buffer('int32_t[]', x), size, ffi.from_buffer('int8_t[]', w), shift,
                                ffi.from_buffer('int32_t[]', out))
-    _, expected = conv3x3_relu(x[None, None].astype(np.int64), w[None].astype(np.int64), shift)
     assert np.array_equal(out, expected.flatten())
+    inplace = x.flatten().copy()
+    buf = ffi.from_buffer('int32_t[]', inplace)
+    lib.BitNetMCU_conv3x3_relu(buf, size, ffi.from_buffer('int8_t[]', w), shift, buf)
+    assert np.array_equal(inplace[:(size - 2) ** 2], expected.flatten())
+    if magnitude == 127:   # the image variant reads int8
+        image = np.clip(x, -128, 127).astype(np.int8)
+        _, expected = conv3x3_relu(image[None, None].astype(np.int64), w[None].astype(np.int64), shift)
+        lib.BitNetMCU_conv3x3_relu_image(ffi.from_buffer('int8_t[]', image), size, ffi.from_buffer('int8_t[]', w),
+                                         shift, ffi.from_buffer('int32_t[]', out))
+        assert np.array_equal(out, expected.flatten())
 
 
 @given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
@@ -102,8 +113,12 @@ def test_maxpool_and_argmax_match_python(engine, half, seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(-2 ** 31, 2 ** 31, (2 * half, 2 * half)).astype(np.int32)
     out = np.zeros(half * half, np.int32)
+    expected = maxpool2(x[None, None].astype(np.int64)).flatten()
     lib.BitNetMCU_maxpool2(ffi.from_buffer('int32_t[]', x), 2 * half, ffi.from_buffer('int32_t[]', out))
-    assert np.array_equal(out, maxpool2(x[None, None].astype(np.int64)).flatten())
+    assert np.array_equal(out, expected)
+    buf = ffi.from_buffer('int32_t[]', x)   # in place
+    lib.BitNetMCU_maxpool2(buf, 2 * half, buf)
+    assert np.array_equal(x.flatten()[:half * half], expected)
     ties = rng.integers(0, 3, 2 * half).astype(np.int32)   # many ties: the first maximum wins, as numpy
     assert lib.BitNetMCU_argmax(ffi.from_buffer('int32_t[]', ties), len(ties)) == int(np.argmax(ties))
 

@@ -84,8 +84,18 @@ def test_short_real_training_run_learns_and_saves_everything(small_mnist, run_di
     assert acc == pytest.approx(float((net.eval()(x).argmax(1) == y).float().mean()))
 
 
-def test_interrupted_run_resumes_exactly(small_mnist, run_dirs):
-    cfg = config(num_epochs=2)
+@pytest.fixture
+def teacher(small_mnist, run_dirs):
+    """A one-epoch model to distill from (any checkpoint can teach)."""
+    path = training.train(config(num_epochs=1, runtag='teacher'), data=small_mnist, log=lambda *a: None)
+    return str(path.rename(run_dirs / 'teacher.pth'))
+
+
+@pytest.mark.parametrize('levers', [{}, {'ema_decay': 0.9, 'label_smoothing': 0.1, 'teacher': True}])
+def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers):
+    if levers.get('teacher'):
+        levers = {**levers, 'teacher': request.getfixturevalue('teacher')}
+    cfg = config(num_epochs=2, **levers)
     reference = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
     (run_dirs / 'modeldata').rename(run_dirs / 'first')
 
@@ -95,6 +105,7 @@ def test_interrupted_run_resumes_exactly(small_mnist, run_dirs):
         training.train(cfg, data=small_mnist, log=lambda *a: None, on_epoch_end=interrupt)
     ckpt = run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt'
     assert ckpt.exists() and not (run_dirs / 'modeldata' / f'{run_name(cfg)}.pth').exists()
+    ckpt.with_name('first.pt').write_bytes(ckpt.read_bytes())
     with pytest.raises(ConfigError, match='--resume'):
         training.train(cfg, data=small_mnist, log=lambda *a: None)    # never silently starts over
     resumed = torch.load(training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None),
@@ -102,6 +113,42 @@ def test_interrupted_run_resumes_exactly(small_mnist, run_dirs):
     for key, value in reference['state_dict'].items():
         assert torch.equal(value, resumed['state_dict'][key]), key
     assert [m['test_loss'] for m in resumed['history']] == [m['test_loss'] for m in reference['history']]
+    if levers:   # the average is what is saved; it is not the live model
+        state = torch.load(ckpt.with_name('first.pt'), weights_only=False)
+        assert not torch.equal(state['model']['layers.0.weight'], state['average']['model']['layers.0.weight'])
+        assert 'test_acc_live' in reference['metrics']
+
+
+def test_loss_label_smoothing_and_distillation():
+    torch.manual_seed(0)
+    out, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    plain = config()
+    assert training.loss_fn(out, y, plain) == pytest.approx(float(torch.nn.functional.cross_entropy(out, y)))
+    smooth = config(label_smoothing=0.2)
+    target = torch.full((8, 10), 0.02).scatter(1, y[:, None], 0.82)
+    manual = -(target * out.log_softmax(1)).sum(1).mean()
+    assert training.loss_fn(out, y, smooth) == pytest.approx(float(manual), rel=1e-5)
+    only_teacher = config(distill_weight=1.0, distill_temperature=3.0)
+    assert training.loss_fn(out, y, only_teacher, teacher_out=out) == pytest.approx(0.0, abs=1e-6)
+    assert training.loss_fn(out, y, only_teacher, teacher_out=-out) > 0.1
+    half = config(distill_weight=0.5)
+    assert training.loss_fn(out, y, half, teacher_out=out) == pytest.approx(0.5 * float(training.loss_fn(out, y, plain)))
+
+
+def test_weight_average_follows_the_live_weights():
+    net = build_model(config(), 10)
+    average = training.WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    average.update(net)   # first step: short memory, decay min(0.5, 2/11)
+    for avg, live in zip(average.model.parameters(), net.parameters()):
+        assert torch.allclose(avg, live - 2 / 11)
+
+
+def test_missing_teacher_is_a_config_error(small_mnist, run_dirs):
+    with pytest.raises(ConfigError, match="'teacher'.*nope.pth.*does not exist"):
+        training.train(config(teacher='nope.pth'), data=small_mnist, log=lambda *a: None)
 
 
 def test_resume_without_checkpoint_and_corrupt_checkpoint(small_mnist, run_dirs):
