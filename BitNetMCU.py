@@ -76,7 +76,8 @@ def _quant_twos_complement(levels):
 
 def _quant_fp130(w, s):
     # sign x 2^e with e in 0..7: a multiply becomes a shift. Zero maps to +1 (there is no zero code).
-    e = torch.log2((w.abs() * 128 / s).clamp_min(1.0)).floor().clamp(0, 7)
+    # The nearest level: 2^(e+1) from 1.5 * 2^e on, i.e. e = floor(log2(4/3 * |w| * 128 / s)).
+    e = torch.log2((w.abs() * (128 * 4 / 3) / s).clamp_min(1.0)).floor().clamp(0, 7)
     return torch.where(w >= 0, 1.0, -1.0) * torch.exp2(e), s / 128
 
 
@@ -435,6 +436,7 @@ CONFIG_SCHEMA = {
     'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
     'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
                   'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
+    'init_from': (str, '', None, 'checkpoint (same shapes, e.g. a float run) to start from, path relative to the project'),
     'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
     'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),
     'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),

@@ -79,14 +79,31 @@ def epoch_data(data, cfg, epoch):
     return x[order], y[order]
 
 
+def load_config_checkpoint(cfg, key):
+    """The model of the checkpoint a config key names (teacher, init_from)."""
+    path = PROJECT_DIR / cfg[key]
+    if not path.exists():
+        raise ConfigError(f"config key {key!r}: {cfg[key]!r} does not exist (paths are relative to {PROJECT_DIR})")
+    return load_checkpoint(path)[0]
+
+
+def init_weights(model, cfg):
+    """Start from another run's weights (low-bit QAT from a float model loses less than from scratch)."""
+    if not cfg['init_from']:
+        return
+    try:
+        model.load_state_dict(load_config_checkpoint(cfg, 'init_from').state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"config key 'init_from': {cfg['init_from']!r} has other layer shapes: {str(e)[:300]}") from None
+    for _, layer in quant_layers(model):
+        layer.update_clipping()   # its s was made for its own quantization type
+
+
 def load_teacher(cfg, device):
     """The frozen model whose softened predictions the student learns too (distillation), or None."""
     if not cfg['teacher']:
         return None
-    path = PROJECT_DIR / cfg['teacher']
-    if not path.exists():
-        raise ConfigError(f"config key 'teacher': {cfg['teacher']!r} does not exist (paths are relative to {PROJECT_DIR})")
-    teacher, _, _ = load_checkpoint(path)
+    teacher = load_config_checkpoint(cfg, 'teacher')
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()
@@ -220,7 +237,9 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     data = data or load_dataset(cfg['dataset'], log=log)
 
     torch.manual_seed(cfg['seed'])
-    model = build_model(cfg, data['num_classes']).to(device)
+    model = build_model(cfg, data['num_classes'])
+    init_weights(model, cfg)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
     teacher = load_teacher(cfg, device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None

@@ -179,3 +179,15 @@ def test_skip_existing_does_not_retrain(run_dirs, capsys):
     assert 'already trained' in capsys.readouterr().out and done.read_bytes() == b'trained'
     assert training.main(['--set', 'runtag=skip', '--resume']) == 2
     assert 'already trained' in capsys.readouterr().err
+
+
+def test_init_from_starts_from_another_runs_weights(teacher):
+    cfg = config(QuantType='2bitsym', init_from=teacher)
+    model = build_model(cfg, 10)
+    training.init_weights(model, cfg)
+    source = torch.load(teacher, weights_only=True)['state_dict']
+    assert torch.equal(model.state_dict()['layers.0.weight'], source['layers.0.weight'])
+    assert not torch.equal(model.state_dict()['layers.0.s'], source['layers.0.s'])   # re-estimated for 2bitsym
+    with pytest.raises(ConfigError, match="'init_from'.*other layer shapes"):
+        training.init_weights(build_model(config(network_width1=16, init_from=teacher), 10),
+                              config(network_width1=16, init_from=teacher))
