@@ -232,36 +232,25 @@ uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t
     return shift;
 }
 
-/* One generic 3x3 convolution over an int8 (image) or an int32 (feature map) input. Output pixel
+/* The 3x3 convolution, defined for an int8 (image) and an int32 (feature map) input. Output pixel
  * (y, x) is written to y * (size - 2) + x, never past the first input pixel a later output still
  * reads (y * size + x + 1 onwards), so output may be the input itself. */
-SPECIALIZE void conv3x3(const int8_t *in8, const int32_t *in32, uint32_t size, const int8_t *w,
-                        uint32_t shift, int32_t *output)
-{
-    uint32_t out_size = size - 2u;
-    for (uint32_t y = 0, row = 0; y < out_size; y++, row += size) {   /* row: offset of the window's top row */
-        for (uint32_t i = row; i < row + out_size; i++) {
-#define TAP(k, offset) ((in8 ? in8[i + (offset)] : in32[i + (offset)]) * w[k])
-            int32_t sum = TAP(0, 0) + TAP(1, 1) + TAP(2, 2)
-                        + TAP(3, size) + TAP(4, size + 1u) + TAP(5, size + 2u)
-                        + TAP(6, 2u * size) + TAP(7, 2u * size + 1u) + TAP(8, 2u * size + 2u);
-#undef TAP
-            *output++ = sum > 0 ? sum >> shift : 0;
-        }
+#define BITNETMCU_CONV3X3(name, input_type)                                                         \
+    void name(const input_type *input, uint32_t size, const int8_t *w, uint32_t shift, int32_t *output) \
+    {                                                                                               \
+        uint32_t out_size = size - 2u;                                                              \
+        for (uint32_t y = 0; y < out_size; y++, input += size) {                                    \
+            for (uint32_t x = 0; x < out_size; x++) {                                               \
+                const input_type *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;                 \
+                int32_t sum = r0[0] * w[0] + r0[1] * w[1] + r0[2] * w[2]                            \
+                            + r1[0] * w[3] + r1[1] * w[4] + r1[2] * w[5]                            \
+                            + r2[0] * w[6] + r2[1] * w[7] + r2[2] * w[8];                           \
+                *output++ = sum > 0 ? sum >> shift : 0;                                             \
+            }                                                                                       \
+        }                                                                                           \
     }
-}
-
-void BitNetMCU_conv3x3_relu(const int32_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
-                            int32_t *output)
-{
-    conv3x3(0, input, size, weights, shift, output);
-}
-
-void BitNetMCU_conv3x3_relu_image(const int8_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
-                                  int32_t *output)
-{
-    conv3x3(input, 0, size, weights, shift, output);
-}
+BITNETMCU_CONV3X3(BitNetMCU_conv3x3_relu, int32_t)
+BITNETMCU_CONV3X3(BitNetMCU_conv3x3_relu_image, int8_t)
 
 void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output)
 {
