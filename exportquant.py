@@ -79,7 +79,7 @@ def layer_table(int_model):
 def activation_ram(int_model):
     """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
     plan = buffer_plan(int_model)
-    return 4 * (max(plan['conv'], plan['sums']) + plan['features']) + plan['act']
+    return 4 * (plan['scratch'] + plan['features']) + plan['act']
 
 
 def print_summary(int_model, log=print):
@@ -122,9 +122,10 @@ def buffer_plan(int_model):
         size = size - 2 if op.kind == 'conv' else size // 2
         biggest = max(biggest, size * size)
     fed_by_act = fcs if stack else fcs[1:]
-    return {'conv': biggest, 'features': stack[0].weights.shape[0] * size * size if stack else 0,
-            'final_size': size, 'sums': max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs),
-            'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
+    sums = max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs)
+    # The convolution maps and, after them, the fully connected sums share one int32 buffer.
+    return {'scratch': max(biggest, sums), 'features': stack[0].weights.shape[0] * size * size if stack else 0,
+            'final_size': size, 'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
 
 
 def infer_function(int_model, arrays):
@@ -133,10 +134,9 @@ def infer_function(int_model, arrays):
     stack, rest = split_ops(int_model)
     lines = []
     if stack:
-        # The convolution maps and, after them, the fully connected sums share one buffer.
-        lines.append(f"    int32_t scratch[{max(plan['conv'], plan['sums'])}], *sums = scratch;")
+        lines.append(f"    int32_t scratch[{plan['scratch']}], *sums = scratch;")
     else:
-        lines.append(f"    int32_t sums[{plan['sums']}];")
+        lines.append(f"    int32_t sums[{plan['scratch']}];")
     if plan['act']:
         lines.append(f"    int8_t act[{plan['act']}];")
     source, count = 'input', None

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, atomic_save, atomic_write, build_model, code_entropy_bits, describe_config,
+from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, ExportError, atomic_save, atomic_write, build_model, code_entropy_bits, describe_config,
                        load_checkpoint, load_config, parse_overrides, quant_layers, run_name)
 from dataset import DataError, augment, load_dataset, normalize
 
@@ -84,7 +84,10 @@ def load_config_checkpoint(cfg, key):
     path = PROJECT_DIR / cfg[key]
     if not path.exists():
         raise ConfigError(f"config key {key!r}: {cfg[key]!r} does not exist (paths are relative to {PROJECT_DIR})")
-    return load_checkpoint(path)[0]
+    try:
+        return load_checkpoint(path)[0]
+    except ExportError as e:
+        raise ConfigError(f"config key {key!r}: {e}") from None
 
 
 def init_weights(model, cfg):
@@ -243,6 +246,7 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
     teacher = load_teacher(cfg, device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
+    final_model = average.model if average else model   # what is evaluated and saved
     history, start_epoch = [], 0
     if ckpt_path.exists() and not restart:
         if not resume:
@@ -285,7 +289,6 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
             x, y = epoch_data(data, cfg, epoch)
             train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg, device, teacher, average,
                                                 f"epoch {epoch + 1}/{cfg['num_epochs']}")
-            final_model = average.model if average else model   # what is evaluated and saved
             test_loss, test_acc, positive = evaluate(final_model, test_x, test_y, device)
             metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
                        'train_acc': train_acc, 'test_loss': test_loss, 'test_acc': test_acc,
@@ -317,7 +320,7 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
             writer.close()
 
     atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': name, 'config': cfg,
-                 'num_classes': data['num_classes'], 'state_dict': (average.model if average else model).state_dict(),
+                 'num_classes': data['num_classes'], 'state_dict': final_model.state_dict(),
                  'metrics': history[-1], 'history': history}, model_path)
     ckpt_path.unlink()   # the run is complete: the model file holds everything
     final = history[-1]

@@ -146,9 +146,14 @@ def test_weight_average_follows_the_live_weights():
         assert torch.allclose(avg, live - 2 / 11)
 
 
-def test_missing_teacher_is_a_config_error(small_mnist, run_dirs):
+def test_missing_or_unreadable_teacher_is_a_config_error(small_mnist, run_dirs):
     with pytest.raises(ConfigError, match="'teacher'.*nope.pth.*does not exist"):
         training.train(config(teacher='nope.pth'), data=small_mnist, log=lambda *a: None)
+    garbage = run_dirs / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint')
+    with pytest.raises(ConfigError, match="'init_from'.*garbage.pth cannot be read"):
+        training.train(config(init_from=str(garbage)), data=small_mnist, log=lambda *a: None)
+    assert garbage.read_bytes() == b'not a checkpoint'
 
 
 def test_resume_without_checkpoint_and_corrupt_checkpoint(small_mnist, run_dirs):
