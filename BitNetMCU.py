@@ -272,6 +272,16 @@ class QuantMixin:
     def quantized_weight(self):
         return fake_quantize_weight(self.weight, self._s_view(), self.qtype)
 
+    def oscillation_penalty(self):
+        """Mean squared distance of the latent weights to their quantized values, in steps, capped at
+        half a step (clipped weights add nothing). Pulling weights to their level keeps them from
+        flipping between two levels at every step late in training (Nagel et al. 2022, dampening)."""
+        if self.qtype.name == 'None':
+            return self.weight.new_zeros(())
+        with torch.no_grad():
+            u, step = self.qtype.quantize(self.weight, self._s_view())
+        return ((self.weight - u * step) / step).clamp(-0.5, 0.5).pow(2).mean()
+
     @torch.no_grad()
     def weight_levels(self):
         """The levels u the exporter packs (integers, or half-integers for the *sym types)."""
@@ -436,6 +446,7 @@ CONFIG_SCHEMA = {
     'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
     'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
                   'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
+    'oscillation_dampening': (_NUM, 0.0, _at_least(0), 'weight of the pull of each latent weight to its quantized level (0: off)'),
     'init_from': (str, '', None, 'checkpoint (same shapes, e.g. a float run) to start from, path relative to the project'),
     'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
     'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),

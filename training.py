@@ -163,6 +163,9 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
         with torch.no_grad():
             teacher_out = teacher(xb) if teacher is not None else None
         loss = loss_fn(out, yb, cfg, teacher_out)
+        if cfg['oscillation_dampening']:
+            loss = loss + cfg['oscillation_dampening'] * sum(layer.oscillation_penalty()
+                                                             for _, layer in quant_layers(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -91,7 +91,8 @@ def teacher(small_mnist, run_dirs):
     return str(path.rename(run_dirs / 'teacher.pth'))
 
 
-@pytest.mark.parametrize('levers', [{}, {'ema_decay': 0.9, 'label_smoothing': 0.1, 'teacher': True}])
+@pytest.mark.parametrize('levers', [{}, {'ema_decay': 0.9, 'label_smoothing': 0.1, 'teacher': True,
+                                          'oscillation_dampening': 1.0}])
 def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers):
     if levers.get('teacher'):
         levers = {**levers, 'teacher': request.getfixturevalue('teacher')}
@@ -133,6 +134,29 @@ def test_loss_label_smoothing_and_distillation():
     assert training.loss_fn(out, y, only_teacher, teacher_out=-out) > 0.1
     half = config(distill_weight=0.5)
     assert training.loss_fn(out, y, half, teacher_out=out) == pytest.approx(0.5 * float(training.loss_fn(out, y, plain)))
+
+
+@pytest.mark.parametrize('qtype', ['2bitsym', '4bitsym', '4bit', '8bit'])
+def test_oscillation_penalty_measures_distance_to_the_levels_in_steps(qtype):
+    layer = build_model(config(QuantType=qtype), 10).layers[0]
+    with torch.no_grad():
+        levels = layer.quantized_weight().detach()
+        layer.weight.copy_(levels)
+    assert float(layer.oscillation_penalty().detach()) == pytest.approx(0.0, abs=1e-10)
+    _, step = layer.qtype.quantize(layer.weight, layer._s_view())
+    inside = levels.abs() < levels.abs().max()     # clipped weights add nothing: leave them out
+    with torch.no_grad():
+        layer.weight.copy_(levels + 0.25 * step * inside)
+    expected = 0.0625 * float(inside.float().mean())
+    assert float(layer.oscillation_penalty().detach()) == pytest.approx(expected, rel=1e-4)
+    layer.oscillation_penalty().backward()        # the gradient pulls every weight back to its level
+    moved = layer.weight.grad[inside]
+    assert (moved > 0).all() and float(layer.oscillation_penalty().detach()) > 0
+
+
+def test_oscillation_penalty_is_zero_for_float_weights():
+    layer = build_model(config(QuantType='None'), 10).layers[0]
+    assert float(layer.oscillation_penalty().detach()) == 0.0
 
 
 def test_weight_average_follows_the_live_weights():
