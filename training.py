@@ -150,8 +150,9 @@ class WeightAverage:
         self.steps = state['steps']
 
 
-def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None, desc='train'):
-    """One pass over (x, y) in order; returns mean loss and accuracy of the training batches."""
+def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None, dampening=0.0, desc='train'):
+    """One pass over (x, y) in order; returns mean loss and accuracy of the training batches.
+    `dampening` weighs the pull of the latent weights to their quantized levels."""
     batch_size = cfg['batch_size']
     batches = range(0, len(y), batch_size)
     if tqdm is not None:
@@ -163,9 +164,8 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
         with torch.no_grad():
             teacher_out = teacher(xb) if teacher is not None else None
         loss = loss_fn(out, yb, cfg, teacher_out)
-        if cfg['oscillation_dampening']:
-            loss = loss + cfg['oscillation_dampening'] * sum(layer.oscillation_penalty()
-                                                             for _, layer in quant_layers(model))
+        if dampening:
+            loss = loss + dampening * sum(layer.oscillation_penalty() for _, layer in quant_layers(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -290,8 +290,10 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
             for group in optimizer.param_groups:
                 group['lr'] = lr
             x, y = epoch_data(data, cfg, epoch)
+            # The pull grows as the learning rate falls: weights move freely early and settle late.
+            dampening = cfg['oscillation_dampening'] * (1 - lr / cfg['learning_rate'])
             train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg, device, teacher, average,
-                                                f"epoch {epoch + 1}/{cfg['num_epochs']}")
+                                                dampening, f"epoch {epoch + 1}/{cfg['num_epochs']}")
             test_loss, test_acc, positive = evaluate(final_model, test_x, test_y, device)
             metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
                        'train_acc': train_acc, 'test_loss': test_loss, 'test_acc': test_acc,
