@@ -274,8 +274,9 @@ class QuantMixin:
 
     def oscillation_penalty(self):
         """Mean squared distance of the latent weights to their quantized values, in steps, capped at
-        half a step (clipped weights add nothing). Pulling weights to their level keeps them from
-        flipping between two levels at every step late in training (Nagel et al. 2022, dampening)."""
+        half a step (weights clipped far beyond the outer level feel no pull). Pulling weights to their
+        level keeps them from flipping between two levels at every step late in training (Nagel et
+        al. 2022, dampening)."""
         if self.qtype.name == 'None':
             return self.weight.new_zeros(())
         with torch.no_grad():
