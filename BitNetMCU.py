@@ -276,9 +276,7 @@ class QuantMixin:
         """Mean squared distance of the latent weights to their quantized values, in steps, capped at
         half a step (weights clipped far beyond the outer level feel no pull). Pulling weights to their
         level keeps them from flipping between two levels at every step late in training (Nagel et
-        al. 2022, dampening)."""
-        if self.qtype.name == 'None':
-            return self.weight.new_zeros(())
+        al. 2022, dampening). Float weights are their own level (step 1): zero."""
         with torch.no_grad():
             u, step = self.qtype.quantize(self.weight, self._s_view())
         return ((self.weight - u * step) / step).clamp(-0.5, 0.5).pow(2).mean()

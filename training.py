@@ -158,14 +158,15 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
     if tqdm is not None:
         batches = tqdm(batches, desc=desc, leave=False, disable=None, unit='batch', mininterval=0.5)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    damped = [layer for _, layer in quant_layers(model)] if dampening else []
     for i in batches:
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out = model(xb)
         with torch.no_grad():
             teacher_out = teacher(xb) if teacher is not None else None
         loss = loss_fn(out, yb, cfg, teacher_out)
-        if dampening:
-            loss = loss + dampening * sum(layer.oscillation_penalty() for _, layer in quant_layers(model))
+        if damped:
+            loss = loss + dampening * sum(layer.oscillation_penalty() for layer in damped)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
