@@ -1,40 +1,28 @@
 """BitNetMCU: quantization-aware training of tiny MNIST models for multiplier-free microcontrollers.
 
-This is the one shared module. Read it top to bottom:
-  1. quantization types  - one table entry per weight type (QUANT_TYPES)
+The PyTorch side of the project. Read it top to bottom:
+  1. quantization types  - one row per weight type (QUANT_TYPES): everything training, export, the integer
+                           reference and the C engine need to know about it
   2. clipping scalar     - how each layer's clipping value `s` is chosen (prop / OCTAV)
   3. layers              - BitLinear and BitConv2d: fake-quantized weights and 8-bit activations (STE)
   4. models              - FCMNIST and CNNMNIST, each one flat nn.Sequential called `layers`
-  5. config              - the one place where trainingparameters.yaml is read and validated
-  6. integer model       - what the MCU runs, and the numpy reference that is bit-exact with C
-  7. packing             - integer weights into the words the C kernels read (both layouts)
-  8. checkpoints         - ours (with config) and the original BitNetMCU's (plain state_dicts)
+Config loading is in config.py, the integer model the MCU runs in intmodel.py, checkpoints in checkpoint.py.
 """
-import difflib
-import hashlib
-import io
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
-
-PROJECT_DIR = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------------------------
 # 1. Quantization types
 #
-# Every quantizer maps float weights w and the layer's clipping scalar s to integer (or half-integer)
-# levels u and a float step, so that the fake-quantized weight is u * step. The levels u are what the
-# exporter packs; the step is absorbed by the normalization that follows every layer.
+# Every quantizer maps float weights w and the layer's clipping scalar s to levels u and a float step,
+# so that the fake-quantized weight is u * step. The C kernels multiply by the integers u * int_scale;
+# the step is absorbed by the normalization that follows every layer.
 # ------------------------------------------------------------------------------------------------
 
 # NormalFloat4 (QLoRA, Dettmers et al. 2023), rounded to int8 so the C engine can use the exact
@@ -94,9 +82,8 @@ def _quant_none(w, s):
     return w, torch.ones_like(s)
 
 
-# Export encodings: the integer weight the C kernel multiplies by (levels u times int_scale) -> the
-# bit field stored in the header. Packing, decoding and the multiplier-free kernels are in
-# BitNetMCU_inference.c, one switch branch per type.
+# Export encodings: integer weight (u * int_scale) -> the code stored in the header. The C kernels
+# decode them (BitNetMCU_inference.h documents every code).
 def _sign_magnitude(bits, magnitude):
     return lambda iw: ((iw < 0).astype(np.uint32) << (bits - 1)) | magnitude(np.abs(iw)).astype(np.uint32)
 
@@ -110,38 +97,74 @@ def _nf4_index(iw):
     return np.abs(iw[..., None] - levels).argmin(-1).astype(np.uint32)
 
 
+def _trit(iw):
+    return np.select([iw == 1, iw == -1], [0, 1], 2).astype(np.uint32)
+
+
+LAYOUTS = ('input-major', 'output-major')   # fully connected weight layouts, the fast one first
+
+
+def _fc_kernels(name, layouts=LAYOUTS):
+    """The C kernel of each weight layout the engine has for a type: BitNetMCU_fc_<name> reads the
+    input-major layout, BitNetMCU_fc_rows_<name> the output-major one (see BitNetMCU_inference.h)."""
+    prefix = {'input-major': 'BitNetMCU_fc_', 'output-major': 'BitNetMCU_fc_rows_'}
+    return {layout: prefix[layout] + name for layout in layouts}
+
+
 @dataclass(frozen=True)
 class QuantType:
-    name: str
-    bits: float                    # storage bits per weight on the MCU
-    quantize: Callable             # (w, s) -> (levels u, step); fake-quantized weight = u * step
-    octav_bits: int                # bit width OCTAV's noise model assumes when choosing s
-    int_scale: int                 # integer weight in C = u * int_scale (2 for the half-integer *sym levels)
-    encode: Optional[Callable]     # integer weights -> stored bit fields (None: Ternary packs trits, None: float)
-    conv_shift: Optional[int]      # right shift after a 3x3 conv with these weights (None: not for convs)
-    description: str
+    name: str                        # the config value, e.g. QuantType: 4bitsym
+    bits: float                      # storage bits per weight on the MCU
+    levels: Optional[tuple]          # every level u the quantizer produces (None: float weights)
+    quantize: Callable               # (w, s) -> (levels u, step); the fake-quantized weight is u * step
+    octav_bits: int                  # the bit width OCTAV's noise model assumes when it chooses s
+    int_scale: int = 1               # the C kernels multiply by u * int_scale (2 makes the *sym levels odd integers)
+    encode: Optional[Callable] = None     # integer weights -> the codes packed into the header
+    packing: str = 'bits'            # 'bits': codes MSB-first in uint32 words; 'trits': 10 base-3 digits per uint16
+    kernels: dict = field(default_factory=dict)   # weight layout -> C kernel of a fully connected layer
+    conv_shift: Optional[int] = None      # right shift after an int8 3x3 conv with these weights (None: no conv)
+    description: str = ''
 
     @property
     def exportable(self):
-        return self.name != 'None'
+        return bool(self.kernels)
+
+    @property
+    def int_levels(self):
+        """The integers the C kernels multiply by."""
+        return [round(u * self.int_scale) for u in self.levels]
 
 
 QUANT_TYPES = {q.name: q for q in [
-    QuantType('Binary', 1, _quant_binary, 1, 1, lambda iw: (iw > 0).astype(np.uint32), 0,
-              'sign(w - mean(w)) in {-1, +1}'),
-    QuantType('Ternary', 1.6, _quant_ternary, 2, 1, None, 0,
-              'clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
-    QuantType('2bitsym', 2, _quant_sym(2), 2, 2, _sign_magnitude(2, lambda m: m == 3), 2,
-              '{±0.5, ±1.5}, multiplier-free'),
-    QuantType('4bitsym', 4, _quant_sym(8), 4, 2, _sign_magnitude(4, lambda m: (m - 1) // 2), 4,
-              '{±0.5 ... ±7.5}, multiplier-free'),
-    QuantType('4bit', 4, _quant_twos_complement(8), 4, 1, _twos_complement(4), 3, "two's complement -8 .. 7"),
-    QuantType('8bit', 8, _quant_twos_complement(128), 8, 1, _twos_complement(8), 7, "two's complement -128 .. 127"),
-    QuantType('FP130', 4, _quant_fp130, 4, 1, _sign_magnitude(4, lambda m: np.log2(m).round()), None,
-              'sign x 2^e, e in 0..7, shifts only'),
-    QuantType('NF4', 4, _quant_nf4, 4, 1, _nf4_index, 7, 'NormalFloat4 levels (rounded to int8) times s'),
-    QuantType('None', 32, _quant_none, 8, 1, None, None, 'float weights, for comparison only (not exportable)'),
+    QuantType(name='Binary', bits=1, levels=(-1, 1), quantize=_quant_binary, octav_bits=1,
+              encode=lambda iw: (iw > 0).astype(np.uint32), kernels=_fc_kernels('Binary'), conv_shift=0,
+              description='sign(w - mean(w)) in {-1, +1}'),
+    QuantType(name='Ternary', bits=1.6, levels=(-1, 0, 1), quantize=_quant_ternary, octav_bits=2,
+              encode=_trit, packing='trits', kernels=_fc_kernels('Ternary', ['output-major']), conv_shift=0,
+              description='clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
+    QuantType(name='2bitsym', bits=2, levels=(-1.5, -0.5, 0.5, 1.5), quantize=_quant_sym(2), octav_bits=2,
+              int_scale=2, encode=_sign_magnitude(2, lambda m: m == 3), kernels=_fc_kernels('2bitsym'),
+              conv_shift=2, description='{±0.5, ±1.5}, multiplier-free'),
+    QuantType(name='4bitsym', bits=4, levels=tuple(k + 0.5 for k in range(-8, 8)), quantize=_quant_sym(8),
+              octav_bits=4, int_scale=2, encode=_sign_magnitude(4, lambda m: (m - 1) // 2),
+              kernels=_fc_kernels('4bitsym'), conv_shift=4, description='{±0.5 ... ±7.5}, multiplier-free'),
+    QuantType(name='4bit', bits=4, levels=tuple(range(-8, 8)), quantize=_quant_twos_complement(8), octav_bits=4,
+              encode=_twos_complement(4), kernels=_fc_kernels('4bit'), conv_shift=3,
+              description="two's complement -8 .. 7"),
+    QuantType(name='8bit', bits=8, levels=tuple(range(-128, 128)), quantize=_quant_twos_complement(128),
+              octav_bits=8, encode=_twos_complement(8), kernels=_fc_kernels('8bit'), conv_shift=7,
+              description="two's complement -128 .. 127"),
+    QuantType(name='FP130', bits=4, levels=tuple(sign * 2 ** e for sign in (-1, 1) for e in range(8)),
+              quantize=_quant_fp130, octav_bits=4, encode=_sign_magnitude(4, lambda m: np.log2(m).round()),
+              kernels=_fc_kernels('FP130'), description='sign x 2^e, e in 0..7, shifts only'),
+    QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_nf4, octav_bits=4,
+              encode=_nf4_index, kernels=_fc_kernels('NF4'), conv_shift=7,
+              description='NormalFloat4 levels (rounded to int8) times s'),
+    QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8,
+              description='float weights, for comparison only (not exportable)'),
 ]}
+EXPORTABLE_TYPES = [q.name for q in QUANT_TYPES.values() if q.exportable]
+CONV_TYPES = [q.name for q in QUANT_TYPES.values() if q.conv_shift is not None]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -157,8 +180,6 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def fake_quantize_weight(w, s, qtype: QuantType):
-    if qtype.name == 'None':
-        return w
     with torch.no_grad():
         u, step = qtype.quantize(w, s)
         quantized = u * step
@@ -388,444 +409,6 @@ def build_model(cfg, num_classes):
 def quant_layers(model):
     """The quantized layers of a model, in order, with readable names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantMixin)]
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Config: the one loader and validator all scripts share.
-# ------------------------------------------------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or invalid; the message says which and what is valid."""
-
-
-def _choice(*options):
-    return lambda v: None if v in options else f"must be one of {list(options)}"
-
-
-def _at_least(lo):
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def _between(lo, hi):
-    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
-
-
-def _optional_choice(*options):
-    return lambda v: None if v is None or v in options else f"must be null or one of {list(options)}"
-
-
-def _dataset_name(v):
-    from dataset import DATASETS  # late import: dataset.py imports this module
-    return _choice(*DATASETS)(v)
-
-
-_NUM = (int, float)
-# key: (types, default, check, help). Keys keep the original BitNetMCU names.
-CONFIG_SCHEMA = {
-    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected) or CNNMNIST (depthwise CNN)'),
-    'dataset': (str, 'MNIST', _dataset_name, 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
-    'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
-    'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
-                      'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
-    'conv_QuantType': (str, '8bit', _choice(*QUANT_TYPES), 'CNNMNIST convolution weight quantization'),
-    'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
-    'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
-    'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
-    'maxw_update_until_epoch': (int, 45, _at_least(0), 's is re-estimated before each epoch below this'),
-    'maxw_quantscale': (_NUM, 0.25, lambda v: None if v > 0 else 'must be > 0', 'prop: s = mean|w| / quantscale'),
-    'num_epochs': (int, 60, _at_least(1), 'training epochs'),
-    'batch_size': (int, 128, _at_least(1), 'mini-batch size'),
-    'scheduler': (str, 'Cosine', _choice('StepLR', 'Cosine', 'CosineWarmRestarts'), 'learning-rate schedule'),
-    'learning_rate': (_NUM, 0.001, lambda v: None if v > 0 else 'must be > 0', 'Adam learning rate'),
-    'lr_decay': (_NUM, 0.1, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]', 'StepLR factor'),
-    'step_size': (int, 10, _at_least(1), 'StepLR period in epochs'),
-    'T_0': (int, 10, _at_least(1), 'CosineWarmRestarts first period in epochs'),
-    'T_mult': (int, 2, _at_least(1), 'CosineWarmRestarts period multiplier'),
-    'halve_lr_epoch': (int, -1, _at_least(-1), 'halve the learning rate from this epoch on (-1: never)'),
-    'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
-    'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
-                  'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
-    'oscillation_dampening': (_NUM, 0.0, _at_least(0),
-                              'pull of the latent weights to their levels, times (1 - lr / learning_rate) (0: off)'),
-    'init_from': (str, '', None, 'checkpoint (same shapes, e.g. a float run) to start from, path relative to the project'),
-    'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
-    'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),
-    'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),
-    'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
-    'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
-    'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
-    'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
-    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels'),
-    'network_width1': (int, 64, _at_least(1), 'first hidden width'),
-    'network_width2': (int, 64, _at_least(1), 'second hidden width'),
-    'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
-    'runtag': (str, 'default', None, 'free text prefix of the run name'),
-    'seed': (int, 0, _at_least(0), 'random seed (init, shuffling, augmentation)'),
-    'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
-}
-DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
-
-
-def _check_value(key, value):
-    types, _, check, _ = CONFIG_SCHEMA[key]
-    types = types if isinstance(types, tuple) else (types,)
-    # bool is an int in Python; only accept it where bool is meant, and ints where floats are meant.
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        names = ' or '.join('null' if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"config key {key!r}: {value!r} is a {type(value).__name__}, expected {names}")
-    problem = check(value) if check else None
-    if problem:
-        raise ConfigError(f"config key {key!r}: {value!r} {problem}")
-
-
-def _unknown_key(key):
-    close = difflib.get_close_matches(key, CONFIG_SCHEMA, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ''
-    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(CONFIG_SCHEMA)}")
-
-
-def parse_overrides(pairs):
-    """['KEY=VALUE', ...] -> dict, VALUE parsed as YAML (so 8 is an int, true a bool, null None)."""
-    out = {}
-    for pair in pairs or []:
-        if '=' not in pair:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_epochs=10")
-        key, text = pair.split('=', 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else ''
-    return out
-
-
-def load_config(path=None, overrides=None):
-    """Read a YAML config, apply overrides, fill defaults, validate every key. Returns a plain dict."""
-    path = Path(path) if path else DEFAULT_PARAMS
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(raw).__name__}")
-    return validate_config({**raw, **(overrides or {})})
-
-
-def validate_config(raw):
-    cfg = {}
-    for key, value in raw.items():
-        if key not in CONFIG_SCHEMA:
-            raise _unknown_key(key)
-        _check_value(key, value)
-        cfg[key] = value
-    for key, (_, default, _, _) in CONFIG_SCHEMA.items():
-        cfg.setdefault(key, default)
-    return cfg
-
-
-def config_hash(cfg):
-    """Short hash of every setting that shapes the trained weights (not the device). Keys at their
-    default are left out, so adding a key to the schema renames no earlier run."""
-    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device' and v != CONFIG_SCHEMA[k][1]}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def run_name(cfg):
-    """Readable summary of the main settings plus a hash of all of them: different config, different name."""
-    if cfg['model'] == 'CNNMNIST':
-        arch = f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg)))
-    else:
-        arch = 'FC' + 'x'.join(map(str, hidden_widths(cfg)))
-    return (f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{cfg['QuantType']}_{cfg['NormType']}_"
-            f"{cfg['maxw_algo']}_ep{cfg['num_epochs']}_{config_hash(cfg)}")
-
-
-def atomic_write(path, data):
-    """Write bytes or text to a temporary file beside `path`, then rename it into place: a crash or an
-    error never leaves half a file, and never clobbers the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    """torch.save, atomically (see atomic_write)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. The integer model: what the MCU runs, and a numpy reference that computes exactly what C does
-# ------------------------------------------------------------------------------------------------
-
-class ExportError(ValueError):
-    """The model cannot be turned into an integer model; the message says why and what would work."""
-
-
-@dataclass
-class IntOp:
-    """One step of the integer model, in order. kind:
-    'fc'        int8 input -> int32 sums, weights (out, in) as the kernel multiplies them
-    'conv'      3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 in/out
-    'maxpool'   2x2 max pooling per channel
-    'shiftnorm' ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)"""
-    kind: str
-    qtype: Optional[QuantType] = None
-    weights: Optional[np.ndarray] = None
-    shift: int = 0
-    name: str = ''
-
-
-@dataclass
-class IntModel:
-    ops: list
-    num_classes: int
-    input_size: int = 16
-    layout: str = 'input-major'    # how the header packs fully connected weights (see pack_layer)
-
-    def weight_ops(self):
-        return [op for op in self.ops if op.weights is not None]
-
-
-def integer_weights(layer, label):
-    """The integers the C kernel multiplies by."""
-    qtype = layer.qtype
-    if not qtype.exportable:
-        raise ExportError(f"{label}: QuantType 'None' (float) has no integer form; "
-                          f"train with one of {[q for q in QUANT_TYPES if q != 'None']}")
-    levels = layer.weight_levels().cpu().double().numpy() * qtype.int_scale
-    iw = np.rint(levels).astype(np.int64)
-    if not np.array_equal(iw, levels):
-        raise ExportError(f"{label}: {qtype.name} levels are not integers after scaling")
-    return iw
-
-
-def to_int_model(model):
-    """Walk model.layers once and build the integer model both the header writer and the reference use."""
-    ops = []
-    for index, module in model.layers.named_children():
-        label = f'layers.{index}'
-        if isinstance(module, BitConv2d):
-            if module.per_output:
-                raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
-                                  "integer engine does not have; train with WScale PerTensor to export")
-            if module.qtype.conv_shift is None:
-                raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
-                                  f"use conv_QuantType 8bit, 4bit, 4bitsym, 2bitsym, Ternary, Binary or NF4")
-            ops.append(IntOp('conv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
-                             module.qtype.conv_shift, label))
-        elif isinstance(module, nn.MaxPool2d):
-            ops.append(IntOp('maxpool', name=label))
-        elif isinstance(module, BitLinear):
-            if module.per_output:
-                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
-                                  "engine does not have; train with WScale PerTensor to export")
-            if not isinstance(module.norm, (RMSNorm, nn.Identity)):
-                raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
-                                  "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
-            if ops:   # the first layer's input is the int8 image itself
-                ops.append(IntOp('shiftnorm', name=f'{label} input'))
-            ops.append(IntOp('fc', module.qtype, integer_weights(module, label), name=label))
-        elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
-            raise ExportError(f"{label}: {type(module).__name__} has no integer kernel")
-    return IntModel(ops, num_classes=ops[-1].weights.shape[0])
-
-
-def encode_input(images):
-    """Float images (N, 16, 16) or (N, 256) -> int8 as the MCU sees them: round(x * 127 / max|x|) per image.
-    Rounds half to even, like torch.round in training."""
-    x = images.reshape(len(images), -1).to(torch.float32)
-    scale = 127.0 / x.abs().amax(dim=1, keepdim=True).clamp_min(1e-5)
-    return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
-
-
-def shiftnorm_relu(sums):
-    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C."""
-    peak = sums.max(axis=1, keepdims=True)
-    shift = np.zeros_like(peak)
-    while ((peak >> shift) > 127).any():
-        shift += (peak >> shift) > 127
-    half = (1 << shift) >> 1
-    return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
-
-
-def fc(x, weights):
-    """Fully connected: (N, n_in) @ (n_out, n_in)^T. float64 BLAS is exact here: every partial sum is an
-    integer far below 2^53."""
-    return np.rint(x.astype(np.float64) @ weights.T.astype(np.float64)).astype(np.int64)
-
-
-def conv3x3_relu(x, weights, shift):
-    """Per-channel 3x3 conv (no padding) + ReLU + right shift, as BitNetMCU_conv3x3_relu().
-    x (N, 1 or C, H, W), weights (C, 9): one input channel feeds all C outputs, else depthwise."""
-    n, _, h, w = x.shape
-    k = weights.reshape(1, -1, 3, 3)
-    acc = np.zeros((n, k.shape[1], h - 2, w - 2), dtype=np.int64)
-    for dy in range(3):
-        for dx in range(3):
-            acc += x[:, :, dy:dy + h - 2, dx:dx + w - 2] * k[:, :, dy, dx, None, None]
-    return acc, np.where(acc > 0, acc >> shift, 0)
-
-
-def maxpool2(x):
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
-
-
-INT32_MAX = 2 ** 31 - 1
-
-
-def reference_logits(int_model, images_int8):
-    """The integer reference engine: int8 images (N, 256) -> logits (N, classes), batch-wise, bit-exact with
-    the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
-    x = np.asarray(images_int8, dtype=np.int64)
-    size = int_model.input_size
-    if any(op.kind == 'conv' for op in int_model.ops):
-        x = x.reshape(len(x), 1, size, size)
-    for op in int_model.ops:
-        if op.kind == 'fc':
-            x = fc(x, op.weights)
-        elif op.kind == 'shiftnorm':
-            x = shiftnorm_relu(x.reshape(len(x), -1))
-        elif op.kind == 'conv':
-            acc, x = conv3x3_relu(x, op.weights, op.shift)
-            _check_int32(acc, op)
-        elif op.kind == 'maxpool':
-            x = maxpool2(x)
-        _check_int32(x, op)
-    return x
-
-
-def _check_int32(x, op):
-    if x.size and np.abs(x).max() > INT32_MAX:
-        raise ExportError(f"{op.name or op.kind}: sums exceed 32 bits; the C engine would overflow")
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. Packing integer weights into the words the C kernels read
-# ------------------------------------------------------------------------------------------------
-
-def pack_rows(qtype, iw):
-    """Integer weights (rows, n_in) -> packed array: uint32 words MSB-first, first input in the top bits,
-    each row starting a new word (zero bits pad the last one; the kernel stops at n_in). Ternary: uint16
-    groups of 10 trits, each stored as ceil(v * 65536 / 3^10) so that x3 yields the next trit in bits 16-17."""
-    iw = np.asarray(iw, dtype=np.int64)
-    rows, n_in = iw.shape
-    if qtype.name == 'Ternary':
-        trits = np.select([iw == 1, iw == -1], [0, 1], 2)
-        trits = np.pad(trits, ((0, 0), (0, -n_in % 10)), constant_values=2)
-        value = trits.reshape(rows, -1, 10) @ (3 ** np.arange(9, -1, -1))
-        return ((value * 65536 + 59048) // 59049).astype(np.uint16)
-    bits = int(qtype.bits)
-    per_word = 32 // bits
-    codes = qtype.encode(iw).astype(np.uint64)
-    codes = np.pad(codes, ((0, 0), (0, -n_in % per_word))).reshape(rows, -1, per_word)
-    shifts = (32 - bits * (np.arange(per_word) + 1)).astype(np.uint64)
-    return (codes << shifts).sum(axis=-1).astype(np.uint32)
-
-
-LAYOUTS = ('input-major', 'output-major')
-
-
-def pack_layer(qtype, iw, layout='input-major'):
-    """(packed weights, C kernel name, outputs the kernel writes) of one fully connected layer.
-    input-major (fast, the default): for each input the codes of all outputs; the kernel writes n_out
-    rounded up to a whole word of codes. output-major: the original BitNetMCU layout. Ternary has only
-    its row layout."""
-    if layout not in LAYOUTS:
-        raise ExportError(f"weight layout {layout!r} is not one of {list(LAYOUTS)}")
-    n_out = iw.shape[0]
-    if qtype.name == 'Ternary' or layout == 'output-major':
-        return pack_rows(qtype, iw), f'BitNetMCU_fc_rows_{qtype.name}', n_out
-    per_word = 32 // int(qtype.bits)
-    return pack_rows(qtype, np.asarray(iw).T), f'BitNetMCU_fc_{qtype.name}', -(-n_out // per_word) * per_word
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Checkpoints: ours carry their config; the original BitNetMCU's are plain state_dicts
-# ------------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
-
-
-def load_checkpoint(path, params=None, overrides=None):
-    """-> (model in eval mode, config, metrics or None). For the original project's checkpoints the
-    config comes from params/overrides, the layer widths from the tensor shapes."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ExportError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
-                          "is it a PyTorch file, completely written?") from None
-    overrides = overrides or {}
-    if isinstance(obj, dict) and obj.get('format') == CHECKPOINT_FORMAT:
-        cfg = validate_config(obj['config'])
-        validate_config({**cfg, **overrides})   # an invalid --set value is named as such first
-        clash = {k: (v, cfg.get(k)) for k, v in overrides.items() if cfg.get(k) != v}
-        if clash:
-            raise ExportError(f"{path} was trained with " + ', '.join(f"{k}={old!r}" for k, (_, old) in clash.items())
-                              + "; it cannot be exported with " + ', '.join(f"{k}={new!r}" for k, (new, _) in clash.items()))
-        model = build_model(cfg, obj['num_classes'])
-        try:
-            model.load_state_dict(obj['state_dict'])
-        except RuntimeError as e:
-            raise ExportError(f"{path}: weights do not match its config: {str(e)[:300]}") from None
-        return model.eval(), cfg, obj.get('metrics')
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        model, cfg = _import_original(obj, path, params, overrides)
-        return model.eval(), cfg, None
-    raise ExportError(f"{path} is neither a BitNetMCU checkpoint nor a state_dict of tensors")
-
-
-def _import_original(state, path, params, overrides):
-    """The original BitNetMCU's layouts: fc1/fc2/fc3/fcl, model.N/classifier; with or without clipping `s`."""
-    weights = [(k[:-len('.weight')], v) for k, v in state.items() if k.endswith('.weight')]
-    convs = [(k, v) for k, v in weights if v.dim() == 4]
-    linears = [(k, v) for k, v in weights if v.dim() == 2]
-    if not 2 <= len(linears) <= 4 or len(weights) != len(convs) + len(linears):
-        raise ExportError(f"{path}: unrecognized layout {[k for k, _ in weights]}; expected fc1, fc2, [fc3], fcl "
-                          "(or model.N / classifier) weights")
-    cfg = load_config(params, overrides)
-    shape_keys = {'model': 'CNNMNIST' if convs else 'FCMNIST',
-                  'network_width1': linears[0][1].shape[0], 'network_width2': linears[1][1].shape[0],
-                  'network_width3': linears[2][1].shape[0] if len(linears) == 4 else 0}
-    if convs:
-        shape_keys['cnn_width'] = convs[0][1].shape[0]
-    clash = {k: v for k, v in shape_keys.items() if k in overrides and overrides[k] != v}
-    if clash:
-        raise ExportError(f"{path} holds " + ', '.join(f"{k}={v!r}" for k, v in clash.items())
-                          + "; --set says otherwise")
-    cfg.update(shape_keys)
-    model = build_model(cfg, linears[-1][1].shape[0])
-    layers = quant_layers(model)
-    if len(layers) != len(weights):
-        raise ExportError(f"{path}: {len(weights)} weight tensors, the {cfg['model']} config has {len(layers)} layers")
-    with torch.no_grad():
-        for (name, layer), (key, w) in zip(layers, convs + linears):
-            if layer.weight.shape != w.shape:
-                raise ExportError(f"{path}: {key}.weight has shape {tuple(w.shape)}, {name} needs "
-                                  f"{tuple(layer.weight.shape)}")
-            layer.weight.copy_(w)
-            s = state.get(key + '.s')
-            if s is None:   # v0.2 layout: s = mean|w| / quantscale
-                s = clipping_scalar(w, layer.qtype, 'prop', cfg['maxw_quantscale'], layer.per_output)
-            layer.s.copy_(s.flatten().expand_as(layer.s))
-    return model, cfg
-
-
-def describe_config():
-    """One line per config key: name, default, meaning (for --help)."""
-    return '\n'.join(f"  {key:28s} {str(default):10s} {text}" for key, (_, default, _, text) in CONFIG_SCHEMA.items())
 
 
 def describe_quant_types():

@@ -1,6 +1,6 @@
 /*
  * BitNetMCU inference engine: see BitNetMCU_inference.h. Every kernel is stateless; the Python
- * reference in BitNetMCU.py computes exactly the same integers (tests compare them logit by logit).
+ * reference in intmodel.py computes exactly the same integers (tests compare them logit by logit).
  */
 #include "BitNetMCU_inference.h"
 
@@ -15,7 +15,8 @@ const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
 #else
 #define SPECIALIZE static inline
 #endif
-enum qtype { BINARY, TWOBITSYM, FOURBITSYM, FOURBIT, EIGHTBIT, FP130, NF4 };
+#define BITNETMCU_ENUM(name, id, log2_bits) id,
+enum qtype { BITNETMCU_FC_TYPES(BITNETMCU_ENUM) };
 
 /* a * 2^k. Shifting a negative signed value left is undefined in C; the unsigned shift is not. */
 SPECIALIZE int32_t shl(int32_t a, uint32_t k)
@@ -25,7 +26,11 @@ SPECIALIZE int32_t shl(int32_t a, uint32_t k)
 
 SPECIALIZE uint32_t log2_bits(enum qtype t)
 {
-    return t == BINARY ? 0u : t == TWOBITSYM ? 1u : t == EIGHTBIT ? 3u : 2u;
+#define BITNETMCU_LOG2_BITS(name, id, log2_bits) \
+    case id:                                    \
+        return log2_bits;
+    switch (t) { BITNETMCU_FC_TYPES(BITNETMCU_LOG2_BITS) }
+    return 0;
 }
 
 /* a times the weight that `code` stands for. Only 8bit and NF4 multiply. */
@@ -178,19 +183,13 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
         for (uint32_t o = 0; o < n_out; o++) sums[o] += times_small(zero, rowsums[o]);
 }
 
-#define BITNETMCU_FC_TYPE(name, t)                                                                \
+#define BITNETMCU_DEFINE_FC(name, id, log2_bits)                                                  \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
     {                                                                                             \
-        fc_columns(input, n_in, weights, sums, n_out, zero, rowsums, t);                          \
+        fc_columns(input, n_in, weights, sums, n_out, zero, rowsums, id);                         \
     }                                                                                             \
-    BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, t); }
-BITNETMCU_FC_TYPE(Binary, BINARY)
-BITNETMCU_FC_TYPE(2bitsym, TWOBITSYM)
-BITNETMCU_FC_TYPE(4bitsym, FOURBITSYM)
-BITNETMCU_FC_TYPE(4bit, FOURBIT)
-BITNETMCU_FC_TYPE(8bit, EIGHTBIT)
-BITNETMCU_FC_TYPE(FP130, FP130)
-BITNETMCU_FC_TYPE(NF4, NF4)
+    BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, id); }
+BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_FC)
 
 /* Ternary: 10 trits per uint16_t as a base-3 fraction; x3 moves the next trit into bits 16-17. */
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)

@@ -50,20 +50,23 @@ extern const int8_t BitNetMCU_nf4_levels[16];
 #define BITNETMCU_FC_COLUMNS_KERNEL(name)                                                           \
     void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out, \
               int32_t zero, const int16_t *rowsums)
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_Binary);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_2bitsym);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_4bitsym);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_4bit);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_8bit);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_FP130);
-BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_NF4);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Binary);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_2bitsym);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_4bitsym);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_4bit);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_8bit);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_FP130);
-BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_NF4);
+
+/* The bit-packed types, one row each: X(name, id, log2 of the bits per code). Every row declares
+ * BitNetMCU_fc_<name>() and BitNetMCU_fc_rows_<name>() here and defines both in BitNetMCU_inference.c;
+ * the row of the same name in BitNetMCU.py's QUANT_TYPES names these kernels. */
+#define BITNETMCU_FC_TYPES(X) \
+    X(Binary, BINARY, 0)      \
+    X(2bitsym, TWOBITSYM, 1)  \
+    X(4bitsym, FOURBITSYM, 2) \
+    X(4bit, FOURBIT, 2)       \
+    X(8bit, EIGHTBIT, 3)      \
+    X(FP130, FP130, 2)        \
+    X(NF4, NF4, 2)
+
+#define BITNETMCU_DECLARE_FC(name, id, log2_bits) \
+    BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name); \
+    BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name);
+BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_FC)
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 
 /* ShiftNorm + ReLU: k = smallest shift with (max >> k) <= 127; output = clip((x + 2^k/2) >> k, 0, 127)

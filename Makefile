@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
 
-.PHONY: all setup data train export verify ctest sim test bench clean help
+.PHONY: all setup data train export verify ctest sim test test-fast bench bench-quick clean help
 .DEFAULT_GOAL := all
 CC ?= cc
 CFLAGS ?= -std=c99 -Wall -Wextra -Wpedantic -Werror -O2
@@ -61,13 +61,19 @@ BitNetMCU_MNIST_test_data.h:
 sim: verify  ## the firmware on an emulated RV32EC core: all test images, instruction counts, memory fit
 	$(MAKE) -C mcu sim size nomul
 
-test: $(DATA_STAMP)  ## run the test suite
+test: $(DATA_STAMP)  ## run the test suite (all of it)
 	$(PY) -m pytest -q tests
+
+test-fast: $(DATA_STAMP)  ## the inner loop: every test not marked slow (under a minute)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(DATA_STAMP)  ## benchmarks: training speed, verification speed, instructions per inference
 	$(PY) bench/train_speed.py
 	$(PY) bench/verify_speed.py
 	$(PY) bench/mcu_cycles.py
+
+bench-quick: $(DATA_STAMP)  ## every benchmark in its quick mode (seconds each)
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
 
 clean:  ## remove caches, builds and run logs (keeps .venv, data and modeldata)
 	rm -rf runs build .pytest_cache .hypothesis

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from BitNetMCU import PROJECT_DIR, atomic_save, atomic_write
+from fileio import PROJECT_DIR, atomic_save, atomic_write
 
 DATA_DIR = PROJECT_DIR / 'data'
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

@@ -8,6 +8,7 @@ Prints a summary (per layer: type, shape, bits, bytes; the RAM the C engine need
 and the accuracy of the float model and of the integer model on the MNIST test set.
 """
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from BitNetMCU import (LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, code_entropy_bits, encode_input,
-                       load_checkpoint, load_config, pack_layer, parse_overrides, reference_logits, run_name,
-                       to_int_model)
+from BitNetMCU import LAYOUTS, code_entropy_bits
+from checkpoint import load_checkpoint
+from config import ConfigError, load_config, parse_overrides, run_name
 from dataset import DataError, load_dataset, normalize
+from fileio import PROJECT_DIR, atomic_write, c_array
+from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
-C_TYPE = {np.uint32: ('uint32_t', 8, '0x{:08x}'), np.uint16: ('uint16_t', 12, '0x{:04x}'),
-          np.int16: ('int16_t', 12, '{:d}'), np.int8: ('int8_t', 16, '{:d}')}
 
 
 def add_model_arguments(parser):
@@ -59,36 +60,32 @@ def weight_stats(op):
             'entropy': entropy, 'capacity': entropy / op.qtype.bits}
 
 
-def layer_table(int_model):
-    """Rows of (name, kind, shape, type, bits/weight, flash bytes) and the RAM the C engine needs."""
+def layer_table(packed):
+    """Rows of (name, kind, shape, type, bits/weight, flash bytes), one per packed layer."""
     rows = []
-    for op in int_model.weight_ops():
+    for layer in packed:
+        op = layer.op
         if op.kind == 'fc':
-            packed, kernel, _ = pack_layer(op.qtype, op.weights, int_model.layout)
-            rowsums = background_rowsums(int_model, op, kernel)
-            nbytes = packed.nbytes + (rowsums.nbytes if rowsums is not None else 0)
+            shape, bits = f"{op.weights.shape[1]} -> {op.weights.shape[0]}", op.qtype.bits
         else:
-            nbytes = op.weights.size
-        shape = f"{op.weights.shape[1]} -> {op.weights.shape[0]}" if op.kind == 'fc' else \
-            f"3x3 x {op.weights.shape[0]} ch"
-        bits = op.qtype.bits if op.kind == 'fc' else 8
-        rows.append((op.name, op.kind, shape, op.qtype.name, bits, nbytes))
-    return rows, activation_ram(int_model)
+            shape, bits = f"3x3 x {op.weights.shape[0]} ch", 8
+        rows.append((op.name, op.kind, shape, op.qtype.name, bits, layer.nbytes))
+    return rows
 
 
-def activation_ram(int_model):
+def activation_ram(int_model, packed):
     """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
-    plan = buffer_plan(int_model)
+    plan = buffer_plan(int_model, packed)
     return 4 * (plan['scratch'] + plan['features']) + plan['act']
 
 
-def print_summary(int_model, log=print):
-    rows, ram = layer_table(int_model)
+def print_summary(int_model, packed, log=print):
+    rows = layer_table(packed)
     log(f"{'layer':12s} {'kind':5s} {'shape':>16s} {'type':>8s} {'bits':>5s} {'bytes':>7s}")
     for name, kind, shape, qtype, bits, nbytes in rows:
         log(f"{name:12s} {kind:5s} {shape:>16s} {qtype:>8s} {bits:>5} {nbytes:7d}")
     log(f"{'total':12s} {'':5s} {'':>16s} {'':>8s} {'':>5s} {sum(r[5] for r in rows):7d}"
-        f"   weights; activation buffers (RAM): {ram} bytes")
+        f"   weights; activation buffers (RAM): {activation_ram(int_model, packed)} bytes")
     for op in int_model.weight_ops():
         st = weight_stats(op)
         log(f"  {op.name:12s} {op.qtype.name:8s} min {st['min']:4d} max {st['max']:4d} mean {st['mean']:6.2f} "
@@ -99,11 +96,8 @@ def print_summary(int_model, log=print):
 # Header
 # ------------------------------------------------------------------------------------------------
 
-def c_array(name, array):
-    ctype, per_line, fmt = C_TYPE[array.dtype.type]
-    flat = array.flatten()
-    lines = [', '.join(fmt.format(int(v)) for v in flat[i:i + per_line]) for i in range(0, len(flat), per_line)]
-    return f"static const {ctype} {name}[{len(flat)}] = {{\n    " + ',\n    '.join(lines) + "\n};\n"
+def array_name(index, part='weights'):
+    return f"BitNetMCU_layer{index}_{part}"
 
 
 def split_ops(int_model):
@@ -113,7 +107,7 @@ def split_ops(int_model):
     return ops[:n], ops[n:]
 
 
-def buffer_plan(int_model):
+def buffer_plan(int_model, packed):
     """Sizes (in elements) of the buffers the generated function needs."""
     stack, rest = split_ops(int_model)
     fcs = [op for op in rest if op.kind == 'fc']
@@ -122,16 +116,18 @@ def buffer_plan(int_model):
         size = size - 2 if op.kind == 'conv' else size // 2
         biggest = max(biggest, size * size)
     fed_by_act = fcs if stack else fcs[1:]
-    sums = max(pack_layer(op.qtype, op.weights, int_model.layout)[2] for op in fcs)
+    sums = max(layer.outputs for layer in packed if layer.op.kind == 'fc')
     # The convolution maps and, after them, the fully connected sums share one int32 buffer.
     return {'scratch': max(biggest, sums), 'features': stack[0].weights.shape[0] * size * size if stack else 0,
             'final_size': size, 'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
 
 
-def infer_function(int_model, arrays):
+def infer_function(int_model, packed):
     """C source of BitNetMCU_model_infer(): the kernels in the order of int_model.ops."""
-    plan = buffer_plan(int_model)
+    plan = buffer_plan(int_model, packed)
     stack, rest = split_ops(int_model)
+    convs = [(index, layer) for index, layer in enumerate(packed) if layer.op.kind == 'conv']
+    fcs = iter([(index, layer) for index, layer in enumerate(packed) if layer.op.kind == 'fc'])
     lines = []
     if stack:
         lines.append(f"    int32_t scratch[{plan['scratch']}], *sums = scratch;")
@@ -143,19 +139,17 @@ def infer_function(int_model, arrays):
     if stack:
         # Depthwise after the first conv: each channel runs through the whole stack on its own, in
         # place in `scratch`, so only one channel's map is ever in RAM.
-        convs = [op for op in stack if op.kind == 'conv']
-        channels = convs[0].weights.shape[0]
+        channels = convs[0][1].op.weights.shape[0]
         lines += [f"    int32_t features[{plan['features']}], *feature = features;",
-                  "    " + 'const int8_t ' + ', '.join(f"*w{i} = {arrays[id(op)]}" for i, op in enumerate(convs)) + ';',
+                  "    const int8_t " + ', '.join(f"*w{k} = {array_name(index)}" for k, (index, _) in enumerate(convs)) + ';',
                   f"    for (uint32_t c = 0; c < {channels}u; c++, "
-                  + ''.join(f"w{i} += 9, " for i in range(len(convs)))
+                  + ''.join(f"w{k} += 9, " for k in range(len(convs)))
                   + f"feature += {plan['final_size'] ** 2}) {{"]
         size, src, k = int_model.input_size, 'input', 0
         for i, op in enumerate(stack):
             dst = 'feature' if i == len(stack) - 1 else 'scratch'
             if op.kind == 'conv':
-                kernel = 'BitNetMCU_conv3x3_relu_image' if src == 'input' else 'BitNetMCU_conv3x3_relu'
-                lines.append(f"        {kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
+                lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
                 size, k = size - 2, k + 1
             else:
                 lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")
@@ -163,18 +157,18 @@ def infer_function(int_model, arrays):
             src = dst
         lines.append("    }")
         source, count = 'features', plan['features']
-    for i, op in enumerate(rest):
+    for op in rest:
         if op.kind == 'shiftnorm':
             lines.append(f"    BitNetMCU_shiftnorm_relu({source}, act, {count}u);")
             source = 'act'
         elif op.kind == 'fc':
+            index, layer = next(fcs)
             n_out, n_in = op.weights.shape
-            kernel = pack_layer(op.qtype, op.weights, int_model.layout)[1]
-            args = f"{source}, {n_in}u, {arrays[id(op)]}, sums, {n_out}u"
-            if 'rows' not in kernel:   # input-major: skip the background (first layer) or ReLU zeros
-                args += f", input[0], {arrays[id(op), 'rowsums']}" if (id(op), 'rowsums') in arrays else \
+            args = f"{source}, {n_in}u, {array_name(index)}, sums, {n_out}u"
+            if layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
+                args += f", input[0], {array_name(index, 'rowsums')}" if layer.rowsums is not None else \
                     ", 0, (const int16_t *)0"
-            lines.append(f"    {kernel}({args});")
+            lines.append(f"    {layer.kernel}({args});")
             source, count = 'sums', n_out
         else:
             raise ExportError(f"{op.name}: a {op.kind} after the fully connected layers has no kernel")
@@ -186,46 +180,43 @@ def infer_function(int_model, arrays):
             + '\n'.join(lines) + "\n}\n")
 
 
-def background_rowsums(int_model, op, kernel):
-    """Row sums of the layer that reads the image, if its input-major kernel can skip background pixels
-    (the image's first pixel stands for the background); None for every other layer."""
-    if op is not int_model.ops[0] or 'rows' in kernel:
-        return None
-    rowsums = op.weights.sum(axis=1)
-    if np.abs(rowsums).max() > 32767:
-        return None   # does not fit the kernel's int16 row sums: no skipping, still exact
-    return rowsums.astype(np.int16)
-
-
-def header_text(int_model, source_name):
-    arrays, parts = {}, []
-    for index, op in enumerate(int_model.weight_ops()):
-        name = f"BitNetMCU_layer{index}_weights"
-        arrays[id(op)] = name
+def header_text(int_model, source_name, layout=LAYOUTS[0]):
+    """BitNetMCU_model.h: every layer's arrays, then BitNetMCU_model_infer(). The fully connected layers
+    are packed in `layout` (written into the header as BITNETMCU_MODEL_LAYOUT)."""
+    packed = pack_model(int_model, layout)
+    parts = []
+    for index, layer in enumerate(packed):
+        op = layer.op
         if op.kind == 'fc':
-            packed, kernel, _ = pack_layer(op.qtype, op.weights, int_model.layout)
-            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}, for {kernel}()"
-            rowsums = background_rowsums(int_model, op, kernel)
-            if rowsums is not None:
-                arrays[id(op), 'rowsums'] = f"BitNetMCU_layer{index}_rowsums"
+            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}, for {layer.kernel}()"
+            if layer.rowsums is not None:
                 parts.append(f"/* {op.name}: sum of each output's weights, for skipping the image background */\n"
-                             + c_array(arrays[id(op), 'rowsums'], rowsums))
+                             + c_array(array_name(index, 'rowsums'), layer.rowsums))
         else:
-            packed = op.weights.astype(np.int8)
             desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"
-        parts.append(f"/* {op.name}: {desc} */\n" + c_array(name, packed))
+        parts.append(f"/* {op.name}: {desc} */\n" + c_array(array_name(index), layer.words))
     fcs = [op for op in int_model.ops if op.kind == 'fc']
-    rows, ram = layer_table(int_model)
     return (f"/* BitNetMCU_model.h: generated by exportquant.py from {source_name}. Do not edit.\n"
-            f" * Weights: {sum(r[5] for r in rows)} bytes; activation buffers on the stack: {ram} bytes. */\n"
+            f" * Weights: {sum(layer.nbytes for layer in packed)} bytes; activation buffers on the stack: "
+            f"{activation_ram(int_model, packed)} bytes. */\n"
             "#ifndef BITNETMCU_MODEL_H\n#define BITNETMCU_MODEL_H\n\n"
             "#include <stdint.h>\n#include \"BitNetMCU_inference.h\"\n\n"
+            f"#define BITNETMCU_MODEL_LAYOUT \"{layout}\"   /* exportquant.py --layout */\n"
             f"#define BITNETMCU_MODEL_INPUT_SIZE {int_model.input_size}\n"
             f"#define BITNETMCU_MODEL_INPUTS {int_model.input_size ** 2}\n"
             f"#define BITNETMCU_MODEL_CLASSES {int_model.num_classes}\n"
             f"#define BITNETMCU_MODEL_LAYERS {len(int_model.weight_ops())}\n"
             f"#define BITNETMCU_MODEL_FIRST_FC_INPUTS {fcs[0].weights.shape[1]}\n\n"
-            + '\n'.join(parts) + '\n' + infer_function(int_model, arrays) + "\n#endif\n")
+            + '\n'.join(parts) + '\n' + infer_function(int_model, packed) + "\n#endif\n")
+
+
+def header_layout(text, path='the header'):
+    """The weight layout a header was exported with (its BITNETMCU_MODEL_LAYOUT)."""
+    match = re.search(r'^#define BITNETMCU_MODEL_LAYOUT "([a-z-]+)"', text, re.M)
+    if match is None or match.group(1) not in LAYOUTS:
+        raise ExportError(f"{path} names no weight layout (BITNETMCU_MODEL_LAYOUT): it was not written by "
+                          "this exportquant.py; export it again")
+    return match.group(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,10 +281,9 @@ def main(argv=None):
     try:
         model, cfg, metrics, path = load_model_from_args(args)
         int_model = to_int_model(model)
-        int_model.layout = args.layout
         print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
-        print_summary(int_model)
-        atomic_write(args.output, header_text(int_model, path.name))
+        print_summary(int_model, pack_model(int_model, args.layout))
+        atomic_write(args.output, header_text(int_model, path.name, args.layout))
         print(f"Wrote {args.output}")
         if args.plots:
             write_plots(int_model, args.plots)

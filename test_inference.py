@@ -12,40 +12,29 @@ import argparse
 import hashlib
 import importlib.machinery
 import importlib.util
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from BitNetMCU import LAYOUTS, PROJECT_DIR, ConfigError, ExportError, atomic_write, to_int_model
+from config import ConfigError
 from dataset import DataError, load_dataset
-from exportquant import (DEFAULT_OUTPUT, add_model_arguments, c_array, header_text, load_model_from_args,
-                         test_set_predictions)
+from exportquant import DEFAULT_OUTPUT, add_model_arguments, header_layout, header_text, load_model_from_args, \
+    test_set_predictions
+from fileio import PROJECT_DIR
+from intmodel import ExportError, to_int_model
+from testdata import write_blob, write_data_header
 
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
 BUILD_DIR = PROJECT_DIR / 'build' / 'cffi'
 TEST_DATA = PROJECT_DIR / 'BitNetMCU_MNIST_test_data.h'
 TEST_BLOB = PROJECT_DIR / 'build' / 'BitNetMCU_MNIST_test_data.bin'
-BLOB_MAGIC = b'BNMT'
 SANITIZE_FLAGS = ['-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer']
 
-FC_TYPES = ['Binary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
-KERNEL_CDEF = ''.join(
-    f"void BitNetMCU_fc_{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
-    f"uint32_t n_out, int32_t zero, const int16_t *rowsums);\n"
-    f"void BitNetMCU_fc_rows_{t}(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, "
-    "uint32_t n_out);\n" for t in FC_TYPES) + """
-void BitNetMCU_fc_rows_Ternary(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums,
-                               uint32_t n_out);
-uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
-void BitNetMCU_conv3x3_relu(const int32_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
-                            int32_t *output);
-void BitNetMCU_conv3x3_relu_image(const int8_t *input, uint32_t size, const int8_t *weights, uint32_t shift,
-                                  int32_t *output);
-void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
-uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n);
-"""
 MODEL_CDEF = "void bitnetmcu_run_batch(const int8_t *images, uint32_t n, int32_t *logits, uint32_t *classes);"
 MODEL_WRAPPER = """
 #include "{header}"
@@ -58,6 +47,22 @@ void bitnetmcu_run_batch(const int8_t *images, uint32_t n, int32_t *logits, uint
 """
 
 
+def engine_cdef():
+    """The engine's declarations for cffi, taken from BitNetMCU_inference.h itself: run through the C
+    preprocessor (its kernel macros expanded) with an empty <stdint.h> (cffi knows the stdint types)."""
+    cc = os.environ.get('CC', 'cc')
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / 'stdint.h').write_text('')
+        try:
+            out = subprocess.run([cc, '-E', '-P', '-nostdinc', '-I', tmp, str(ENGINE_SOURCES[1])],
+                                 capture_output=True, text=True)
+        except FileNotFoundError:
+            raise ExportError(f"no C compiler {cc!r}: install gcc (Debian: apt-get install gcc) or set CC") from None
+    if out.returncode:
+        raise ExportError(f"{cc} -E {ENGINE_SOURCES[1].name} failed: {out.stderr[-500:]}")
+    return out.stdout
+
+
 def build_engine(model_header=None, sanitize=False, log=print):
     """Compile the C engine (and a model header, if given) into a Python extension; returns (ffi, lib).
     Cached by a hash of every input, so a changed source or header is always rebuilt."""
@@ -66,19 +71,18 @@ def build_engine(model_header=None, sanitize=False, log=print):
     header_text_ = Path(model_header).read_text() if model_header else ''
     digest = hashlib.sha256()
     for part in [p.read_bytes() for p in ENGINE_SOURCES] + [header_text_.encode(), ' '.join(flags).encode(),
-                                                             KERNEL_CDEF.encode(), MODEL_WRAPPER.encode()]:
+                                                             MODEL_WRAPPER.encode()]:
         digest.update(part)
     name = f"_bitnetmcu_{digest.hexdigest()[:16]}"
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    source = '#include "BitNetMCU_inference.h"\n'
-    cdef = KERNEL_CDEF
-    if model_header:
-        copy = BUILD_DIR / f'{name}_model.h'   # the exact text that was hashed
-        copy.write_text(header_text_)
-        source += MODEL_WRAPPER.format(header=copy.name)
-        cdef += MODEL_CDEF
     built = list(BUILD_DIR.glob(f'{name}.*.so')) + list(BUILD_DIR.glob(f'{name}.so'))
     if not built:
+        source, cdef = '#include "BitNetMCU_inference.h"\n', engine_cdef()
+        if model_header:
+            copy = BUILD_DIR / f'{name}_model.h'   # the exact text that was hashed
+            copy.write_text(header_text_)
+            source += MODEL_WRAPPER.format(header=copy.name)
+            cdef += MODEL_CDEF
         ffi = cffi.FFI()
         ffi.cdef(cdef)
         ffi.set_source(name, source, sources=[str(ENGINE_SOURCES[0])], include_dirs=[str(PROJECT_DIR), str(BUILD_DIR)],
@@ -101,39 +105,6 @@ def run_c(ffi, lib, images, num_classes):
     lib.bitnetmcu_run_batch(ffi.from_buffer('int8_t[]', images), len(images),
                             ffi.from_buffer('int32_t[]', logits), ffi.from_buffer('uint32_t[]', classes))
     return logits, classes
-
-
-def test_data_header(images, labels, predictions):
-    """BitNetMCU_MNIST_test_data.h: int8 images, labels and the predictions the engine must reproduce."""
-    n = len(images)
-    return ("/* BitNetMCU_MNIST_test_data.h: generated by test_inference.py. Do not edit.\n"
-            " * MNIST test images encoded as the MCU sees them, their labels, and the expected predictions. */\n"
-            "#ifndef BITNETMCU_MNIST_TEST_DATA_H\n#define BITNETMCU_MNIST_TEST_DATA_H\n\n#include <stdint.h>\n\n"
-            f"#define BITNETMCU_TEST_IMAGES {n}\n\n"
-            + c_array('BitNetMCU_test_images', np.asarray(images, dtype=np.int8))
-            + c_array('BitNetMCU_test_labels', np.asarray(labels, dtype=np.int8))
-            + c_array('BitNetMCU_test_predictions', np.asarray(predictions, dtype=np.int8))
-            + "\n#endif\n")
-
-
-def test_data_blob(images, labels, predictions):
-    """The test set for the emulated firmware (loaded by QEMU into RAM): "BNMT", uint32 count (little
-    endian), int8 images[count][256], uint8 labels[count], uint8 predictions[count]."""
-    images = np.asarray(images, dtype=np.int8)
-    return (BLOB_MAGIC + len(images).to_bytes(4, 'little') + images.tobytes()
-            + np.asarray(labels, np.uint8).tobytes() + np.asarray(predictions, np.uint8).tobytes())
-
-
-def blob_to_header(blob_path, n, header_path):
-    """The first n images of a test-data blob as a test-data header (for the flash-sized firmware)."""
-    data = Path(blob_path).read_bytes()
-    if data[:4] != BLOB_MAGIC:
-        raise ExportError(f"{blob_path} is not a BitNetMCU test-data blob; run test_inference.py")
-    count = int.from_bytes(data[4:8], 'little')
-    images = np.frombuffer(data, np.int8, count * 256, 8).reshape(count, 256)
-    labels = np.frombuffer(data, np.uint8, count, 8 + count * 256)
-    predictions = np.frombuffer(data, np.uint8, count, 8 + count * 257)
-    atomic_write(header_path, test_data_header(images[:n], labels[:n], predictions[:n]))
 
 
 def verify(model, int_model, header, data, log=print):
@@ -169,10 +140,7 @@ def main(argv=None):
         if not header.exists():
             raise ConfigError(f"{header} does not exist: run python exportquant.py first")
         text = header.read_text()
-        for int_model.layout in LAYOUTS:
-            if text == header_text(int_model, path.name):
-                break
-        else:
+        if text != header_text(int_model, path.name, header_layout(text, header)):
             raise ExportError(f"{header} was not exported from {path} (or is out of date); "
                               f"run python exportquant.py with the same arguments")
         r = verify(model, int_model, header, load_dataset(cfg['dataset']))
@@ -184,9 +152,9 @@ def main(argv=None):
     print(f"C vs Python: {r['mismatches']} mismatching images (every logit compared); "
           f"C {r['c_time']:.3f}s, Python {r['python_time']:.3f}s for {r['n']} images")
     n = max(0, min(args.test_images, r['n']))
-    atomic_write(args.test_data, test_data_header(r['images'][:n], r['labels'][:n], r['predictions'][:n]))
+    write_data_header(args.test_data, r['images'][:n], r['labels'][:n], r['predictions'][:n])
     print(f"Wrote {args.test_data} ({n} images)")
-    atomic_write(args.test_blob, test_data_blob(r['images'], r['labels'], r['predictions']))
+    write_blob(args.test_blob, r['images'], r['labels'], r['predictions'])
     print(f"Wrote {args.test_blob} ({r['n']} images)")
     return 1 if r['mismatches'] else 0
 

@@ -15,14 +15,20 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import (CHECKPOINT_FORMAT, PROJECT_DIR, ConfigError, ExportError, atomic_save, atomic_write, build_model, code_entropy_bits, describe_config,
-                       load_checkpoint, load_config, parse_overrides, quant_layers, run_name)
+from BitNetMCU import build_model, code_entropy_bits, quant_layers
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from config import ConfigError, describe_config, load_config, parse_overrides, run_name
 from dataset import DataError, augment, load_dataset, normalize
+from fileio import PROJECT_DIR, atomic_save, atomic_write
+from intmodel import ExportError
 
 MODEL_DIR = PROJECT_DIR / 'modeldata'
 RUNS_DIR = PROJECT_DIR / 'runs'
@@ -235,105 +241,148 @@ def _tensorboard(log_dir, purge_step):
         return None
 
 
-def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
-    """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
-    name = run_name(cfg)
-    run_dir, model_path = RUNS_DIR / name, MODEL_DIR / f'{name}.pth'
-    ckpt_path = run_dir / 'checkpoint.pt'
-    device = pick_device(cfg)
-    data = data or load_dataset(cfg['dataset'], log=log)
+@dataclass
+class Run:
+    """What a training run carries from epoch to epoch."""
+    cfg: dict
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: Optional[nn.Module]
+    average: Optional[WeightAverage]
+    run_dir: Path
+    model_path: Path
+    history: list = field(default_factory=list)
 
+    @property
+    def name(self):
+        return self.model_path.stem
+
+    @property
+    def checkpoint_path(self):
+        return self.run_dir / 'checkpoint.pt'
+
+    @property
+    def final_model(self):
+        """What is evaluated and saved: the weight average when there is one."""
+        return self.average.model if self.average else self.model
+
+    @property
+    def epochs_done(self):
+        return self.history[-1]['epoch'] if self.history else 0
+
+
+def start_run(cfg, resume, restart, num_classes, log):
+    """A fresh run, or the interrupted one of this config (resume): every epoch's checkpoint holds the
+    model, optimizer, weight average and history."""
+    name = run_name(cfg)
+    device = pick_device(cfg)
     torch.manual_seed(cfg['seed'])
-    model = build_model(cfg, data['num_classes'])
+    model = build_model(cfg, num_classes)
     init_weights(model, cfg)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
-    teacher = load_teacher(cfg, device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
-    final_model = average.model if average else model   # what is evaluated and saved
-    history, start_epoch = [], 0
-    if ckpt_path.exists() and not restart:
+    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
+              load_teacher(cfg, device), average, RUNS_DIR / name, MODEL_DIR / f'{name}.pth')
+    if run.checkpoint_path.exists() and not restart:
         if not resume:
-            raise ConfigError(f"{ckpt_path} holds an unfinished run of this config; pass --resume to continue "
-                              f"it, or --restart to start over (it will be overwritten)")
+            raise ConfigError(f"{run.checkpoint_path} holds an unfinished run of this config; pass --resume to "
+                              f"continue it, or --restart to start over (it will be overwritten)")
         try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            state = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
             model.load_state_dict(state['model'])
-            optimizer.load_state_dict(state['optimizer'])
+            run.optimizer.load_state_dict(state['optimizer'])
             if average is not None:
                 average.load_state_dict(state['average'])
         except Exception as e:
-            raise ConfigError(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {e}); "
+            raise ConfigError(f"{run.checkpoint_path} cannot be resumed ({type(e).__name__}: {e}); "
                               f"pass --restart to start over") from None
-        history, start_epoch = state['history'], state['epoch']
-        log(f"Resuming {name} after epoch {start_epoch}")
+        run.history = state['history']
+        log(f"Resuming {name} after epoch {run.epochs_done}")
     elif resume:
-        done = f"; this config is already trained: {model_path}" if model_path.exists() else ''
-        raise ConfigError(f"nothing to resume: {ckpt_path} does not exist{done}; run without --resume")
-    elif model_path.exists():
-        log(f"Note: {model_path} exists for this exact config and will be replaced")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        done = f"; this config is already trained: {run.model_path}" if run.model_path.exists() else ''
+        raise ConfigError(f"nothing to resume: {run.checkpoint_path} does not exist{done}; run without --resume")
+    elif run.model_path.exists():
+        log(f"Note: {run.model_path} exists for this exact config and will be replaced")
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return run
 
-    layer_names = [n for n, _ in quant_layers(model)]
-    params = sum(p.numel() for p in model.parameters())
-    log(f"Run {name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
-        f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}, "
-        f"device {device}, {torch.get_num_threads()} threads")
+
+def run_epoch(run, data, epoch):
+    """Train one epoch and evaluate; returns the epoch's metrics."""
+    cfg, t0 = run.cfg, time.time()
+    if epoch < cfg['maxw_update_until_epoch']:
+        for _, layer in quant_layers(run.model) + (quant_layers(run.average.model) if run.average else []):
+            layer.update_clipping()
+    lr = lr_at(cfg, epoch)
+    for group in run.optimizer.param_groups:
+        group['lr'] = lr
+    x, y = epoch_data(data, cfg, epoch)
+    # The pull grows as the learning rate falls: weights move freely early and settle late.
+    dampening = cfg['oscillation_dampening'] * (1 - lr / cfg['learning_rate'])
+    train_loss, train_acc = train_epoch(run.model, run.optimizer, x, y, cfg, run.device, run.teacher, run.average,
+                                        dampening, f"epoch {epoch + 1}/{cfg['num_epochs']}")
     test_x, test_y = normalize(data['test_x16']), data['test_y']
-    writer = _tensorboard(run_dir / 'tensorboard', start_epoch)
+    test_loss, test_acc, positive = evaluate(run.final_model, test_x, test_y, run.device)
+    metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc,
+               'test_loss': test_loss, 'test_acc': test_acc, 'act_positive': positive, 'time_s': time.time() - t0}
+    if run.average is not None:
+        metrics['test_acc_live'] = evaluate(run.model, test_x, test_y, run.device)[1]
+    for layer, (s, bits) in layer_stats(run.final_model).items():
+        metrics[f's/{layer}'], metrics[f'entropy/{layer}'] = s, bits
+    return metrics
+
+
+def record_epoch(run, metrics, writer, log):
+    """Keep an epoch: the resumable checkpoint, metrics.csv, TensorBoard and the log line."""
+    run.history.append(metrics)
+    atomic_save({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'average': run.average.state_dict() if run.average else None,
+                 'epoch': metrics['epoch'], 'history': run.history, 'config': run.cfg}, run.checkpoint_path)
+    write_metrics_csv(run.history, run.run_dir / 'metrics.csv')
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != 'epoch':
+                writer.add_scalar(key, value, metrics['epoch'])
+        writer.flush()
+    log(format_epoch(metrics, run.cfg['num_epochs'], [n for n, _ in quant_layers(run.model)]))
+
+
+def save_model(run, num_classes, log):
+    """The finished run's model file (weights, config, metrics: all later steps need); the resumable
+    checkpoint is then removed."""
+    atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': run.name, 'config': run.cfg, 'num_classes': num_classes,
+                 'state_dict': run.final_model.state_dict(), 'metrics': run.history[-1], 'history': run.history},
+                run.model_path)
+    run.checkpoint_path.unlink()
+    shown = run.model_path.relative_to(PROJECT_DIR) if run.model_path.is_relative_to(PROJECT_DIR) else run.model_path
+    log(f"Saved {shown}: test accuracy {100 * run.history[-1]['test_acc']:.2f}% (float QAT model), "
+        f"{sum(m['time_s'] for m in run.history):.0f}s training")
+    return run.model_path
+
+
+def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
+    """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
+    data = data or load_dataset(cfg['dataset'], log=log)
+    run = start_run(cfg, resume, restart, data['num_classes'], log)
+    params = sum(p.numel() for p in run.model.parameters())
+    log(f"Run {run.name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
+        f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}, "
+        f"device {run.device}, {torch.get_num_threads()} threads")
+    writer = _tensorboard(run.run_dir / 'tensorboard', run.epochs_done)
     try:
-        for epoch in range(start_epoch, cfg['num_epochs']):
-            t0 = time.time()
-            if epoch < cfg['maxw_update_until_epoch']:
-                for _, layer in quant_layers(model) + (quant_layers(average.model) if average else []):
-                    layer.update_clipping()
-            lr = lr_at(cfg, epoch)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            x, y = epoch_data(data, cfg, epoch)
-            # The pull grows as the learning rate falls: weights move freely early and settle late.
-            dampening = cfg['oscillation_dampening'] * (1 - lr / cfg['learning_rate'])
-            train_loss, train_acc = train_epoch(model, optimizer, x, y, cfg, device, teacher, average,
-                                                dampening, f"epoch {epoch + 1}/{cfg['num_epochs']}")
-            test_loss, test_acc, positive = evaluate(final_model, test_x, test_y, device)
-            metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
-                       'train_acc': train_acc, 'test_loss': test_loss, 'test_acc': test_acc,
-                       'act_positive': positive, 'time_s': time.time() - t0}
-            if average is not None:
-                metrics['test_acc_live'] = evaluate(model, test_x, test_y, device)[1]
-            for layer, (s, bits) in layer_stats(final_model).items():
-                metrics[f's/{layer}'], metrics[f'entropy/{layer}'] = s, bits
-            history.append(metrics)
-            atomic_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'average': average.state_dict() if average else None,
-                         'epoch': epoch + 1, 'history': history, 'config': cfg}, ckpt_path)
-            write_metrics_csv(history, run_dir / 'metrics.csv')
-            if writer is not None:
-                for key, value in metrics.items():
-                    if key != 'epoch':
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-            log(format_epoch(metrics, cfg['num_epochs'], layer_names))
+        for epoch in range(run.epochs_done, cfg['num_epochs']):
+            record_epoch(run, run_epoch(run, data, epoch), writer, log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     except KeyboardInterrupt:
-        done = history[-1]['epoch'] if history else 0
-        log(f"\nInterrupted. {done} epoch(s) are saved in {ckpt_path}; continue with the same "
-            f"arguments plus --resume.")
+        log(f"\nInterrupted. {run.epochs_done} epoch(s) are saved in {run.checkpoint_path}; continue with the "
+            f"same arguments plus --resume.")
         raise
     finally:
         if writer is not None:
             writer.close()
-
-    atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': name, 'config': cfg,
-                 'num_classes': data['num_classes'], 'state_dict': final_model.state_dict(),
-                 'metrics': history[-1], 'history': history}, model_path)
-    ckpt_path.unlink()   # the run is complete: the model file holds everything
-    final = history[-1]
-    log(f"Saved {model_path.relative_to(PROJECT_DIR) if model_path.is_relative_to(PROJECT_DIR) else model_path}: "
-        f"test accuracy {100 * final['test_acc']:.2f}% (float QAT model), "
-        f"{sum(m['time_s'] for m in history):.0f}s training")
-    return model_path
+    return save_model(run, data['num_classes'], log)
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 and stack, per quantization type, for the FC 64/64/64 architecture.
 
     python bench/mcu_cycles.py [--epochs N] [--types 4bitsym,FP130,...]
+    python bench/mcu_cycles.py --quick       # seconds: the original checkpoint, CH32V003, 500 images
 
 Each type is trained briefly here (N epochs, default 2, seed 0; accuracy is not the point, though the
 share of zero activations the kernels skip depends a little on training), exported, verified against
@@ -12,7 +13,6 @@ Reference: the original engine on its 12k 4bitsym model needs 436,796 instructio
 404 bytes of stack. Target for a 12k 4bitsym model: <= 218,000, <= 13,500 bytes, <= 400 bytes.
 """
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,74 +20,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'mcu'))
-import exportquant  # noqa: E402
 import firmware  # noqa: E402
-import test_inference  # noqa: E402
 import training  # noqa: E402
-from BitNetMCU import load_checkpoint, load_config, to_int_model  # noqa: E402
+from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS  # noqa: E402
+from config import load_config  # noqa: E402
 from dataset import load_dataset  # noqa: E402
 
-TYPES = ['Binary', 'Ternary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
 ORIGINAL = ROOT.parent / 'shared' / 'original-checkpoints' / 'fc_4bitsym_64_64_64_v02.pth'
+ORIGINAL_INSTRUCTIONS = 436796
 
 
-def measure(checkpoint, layout, work, data, targets=('CH32V003', 'CH32V002')):
-    """Export, verify, build and run one model; returns a row of the table."""
-    header, blob = work / 'model.h', work / 'test.bin'
-    model, cfg, _ = load_checkpoint(checkpoint)
-    int_model = to_int_model(model)
-    int_model.layout = layout
-    header.write_text(exportquant.header_text(int_model, Path(checkpoint).name))
-    r = test_inference.verify(model, int_model, header, data, log=lambda *a: None)
-    if r['mismatches']:
-        raise SystemExit(f"{checkpoint}: C and Python disagree on {r['mismatches']} images")
-    blob.write_bytes(test_inference.test_data_blob(r['images'], r['labels'], r['predictions']))
-    row = {'accuracy': r['c_acc'], 'weights': exportquant.layer_table(int_model)[0]}
-    for target in targets:
-        build = work / target
-
-        def make(goal):
-            return subprocess.run(['make', '-C', str(ROOT / 'mcu'), f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
-                                   f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}', str(build / goal)],
-                                  capture_output=True, text=True)
-        out = make('sim.elf')
-        if out.returncode:
-            raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])
-        sim = firmware.run_qemu(build / 'sim.elf', blob, target)
-        if sim['mismatches']:
-            raise SystemExit(f"{checkpoint} on {target}: {sim['mismatches']} mismatches")
-        row[target] = sim
-        fits = make('flash.elf').returncode == 0     # 8bit 64/64/64 (25 KB of weights) cannot fit 16 KB
-        row[target + ' flash'] = firmware.section_sizes(build / 'flash.elf')[0] if fits else None
-        row[target + ' nomul'] = not firmware.multiply_uses(build / 'sim.elf')
-    return row
+def report(name, row, targets):
+    v3 = row[targets[0]]
+    v2 = row.get('CH32V002')
+    print(f"{name:34s} {100 * row['verify']['c_acc']:5.2f}% {sum(p.nbytes for p in row['packed']):7d} "
+          f"{v3['sim']['mean']:9.0f} {v3['sim']['min']:7d} {v3['sim']['max']:7d} "
+          f"{v3['sim']['mean'] / ORIGINAL_INSTRUCTIONS:6.2f}x {v2['sim']['mean'] if v2 else float('nan'):9.0f} "
+          f"{v3['flash'] or '>16K':>6} {v3['sim']['stack']:5d} {'yes' if v3['nomul'] else 'no':>6s}", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--epochs', type=int, default=2)
-    parser.add_argument('--types', default=','.join(TYPES))
+    parser.add_argument('--epochs', type=int, default=2, help='training epochs per type (default: %(default)s)')
+    parser.add_argument('--types', default=','.join(EXPORTABLE_TYPES), help='comma-separated (default: all)')
+    parser.add_argument('--quick', action='store_true',
+                        help='seconds: only the original checkpoint (or 4bitsym without ../shared), '
+                             'CH32V003, the first 500 test images')
     args = parser.parse_args()
+    unknown = [t for t in args.types.split(',') if t not in EXPORTABLE_TYPES]
+    if unknown:
+        sys.exit(f"error: unknown or unexportable types {unknown}; valid: {', '.join(EXPORTABLE_TYPES)}")
     data = load_dataset('MNIST', log=lambda *a: None)
+    targets = ('CH32V003',) if args.quick else tuple(firmware.CHIPS)
+    images = 500 if args.quick else None
     print(f"{'model':34s} {'acc':>6s} {'weights':>7s} {'V003 mean':>9s} {'min':>7s} {'max':>7s} {'vs orig':>7s} "
           f"{'V002 mean':>9s} {'flash':>6s} {'stack':>5s} {'no mul':>6s}")
-
-    def report(name, row):
-        v3, v2 = row['CH32V003'], row['CH32V002']
-        print(f"{name:34s} {100 * row['accuracy']:5.2f}% {sum(w[5] for w in row['weights']):7d} {v3['mean']:9.0f} "
-              f"{v3['min']:7d} {v3['max']:7d} {v3['mean'] / 436796:6.2f}x {v2['mean']:9.0f} "
-              f"{row['CH32V003 flash'] or '>16K':>6} {v3['stack']:5d} {'yes' if row['CH32V003 nomul'] else 'no':>6s}",
-              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if ORIGINAL.exists():
-            for layout in ('input-major', 'output-major'):
-                report(f"original 4bitsym v0.2, {layout}", measure(ORIGINAL, layout, work, data))
+            for layout in LAYOUTS[:1] if args.quick else LAYOUTS:
+                row = firmware.measure_model(ORIGINAL, work, data, layout, targets, images=images)
+                report(f"original 4bitsym v0.2, {layout}", row, targets)
+            if args.quick:
+                return
         training.MODEL_DIR, training.RUNS_DIR = work / 'modeldata', work / 'runs'
-        for qtype in args.types.split(','):
-            cfg = load_config(overrides=dict(QuantType=qtype, num_epochs=args.epochs, runtag='bench'))
-            path = training.train(cfg, data=data, log=lambda *a: None)
-            report(f"FC 64/64/64 {qtype}, {args.epochs} epochs", measure(path, 'input-major', work, data))
+        for qtype in ['4bitsym'] if args.quick else args.types.split(','):
+            overrides = dict(QuantType=qtype, num_epochs=1 if args.quick else args.epochs, runtag='bench')
+            train_data = data if not args.quick else {**data, 'train_x28': data['train_x28'][:3000],
+                                                      'train_x16': data['train_x16'][:3000],
+                                                      'train_y': data['train_y'][:3000]}
+            path = training.train(load_config(overrides=overrides), data=train_data, log=lambda *a: None)
+            row = firmware.measure_model(path, work, data, LAYOUTS[0], targets, images=images)
+            report(f"FC 64/64/64 {qtype}, {overrides['num_epochs']} epochs", row, targets)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 and through the Python integer reference, and to compare every logit, after the one-time build.
 
     python bench/verify_speed.py [--checkpoint PATH] [--repeats N]
+    python bench/verify_speed.py --quick     # one repetition
 
 Default model: the original project's 4bitsym 64/64/64 checkpoint from ../shared (or --checkpoint).
 Reference: the original BitNetMCU's per-image verification loop takes ~15 s here for 10,000 images.
@@ -16,8 +17,10 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from BitNetMCU import PROJECT_DIR, encode_input, load_checkpoint, reference_logits, to_int_model  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from dataset import load_dataset, normalize  # noqa: E402
+from fileio import PROJECT_DIR  # noqa: E402
+from intmodel import encode_input, reference_logits, to_int_model  # noqa: E402
 from exportquant import header_text  # noqa: E402
 from test_inference import build_engine, run_c  # noqa: E402
 
@@ -28,7 +31,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default=str(DEFAULT), help='model to verify (default: %(default)s)')
     parser.add_argument('--repeats', type=int, default=5, help='timed repetitions (median reported)')
+    parser.add_argument('--quick', action='store_true', help='one repetition')
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     model, _, _ = load_checkpoint(args.checkpoint)
     int_model = to_int_model(model)
     data = load_dataset('MNIST')

@@ -9,7 +9,6 @@ the chip (flash, stack), and write one table beside the original BitNetMCU's pub
 Plots: accuracy against weight bytes (docs/accuracy_vs_size.png) and the training curves of each
 zoo model (docs/training_curves.png).
 """
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'mcu'))
 import firmware  # noqa: E402
-import test_inference  # noqa: E402
-from BitNetMCU import atomic_write, load_checkpoint, load_config, run_name, to_int_model  # noqa: E402
+from config import load_config, run_name  # noqa: E402
 from dataset import load_dataset  # noqa: E402
-from exportquant import header_text, layer_table  # noqa: E402
+from fileio import atomic_write  # noqa: E402
+from intmodel import pack_model  # noqa: E402
 
 CONFIGS = ROOT / 'configs'
 MODELS = ROOT / 'mcu' / 'models'
@@ -38,45 +37,21 @@ ORIGINAL = {
 }
 
 
-def weight_bytes(int_model):
-    """Bytes of the weights alone in the original layout (what the original project's sizes count)."""
-    layout, int_model.layout = int_model.layout, 'output-major'
-    total = sum(row[5] for row in layer_table(int_model)[0])
-    int_model.layout = layout
-    return total
-
-
 def measure(name, data, work):
     cfg = load_config(CONFIGS / f'{name}.yaml')
     checkpoint = ROOT / 'modeldata' / f'{run_name(cfg)}.pth'
     if not checkpoint.exists():
         return None
-    model, cfg, _ = load_checkpoint(checkpoint)
-    int_model = to_int_model(model)
-    header = MODELS / f'{name}.h'
-    atomic_write(header, header_text(int_model, checkpoint.name))
-    r = test_inference.verify(model, int_model, header, data, log=lambda *a: None)
-    if r['mismatches']:
-        sys.exit(f"{name}: C and Python disagree on {r['mismatches']} images")
-    blob = work / f'{name}.bin'
-    blob.write_bytes(test_inference.test_data_blob(r['images'], r['labels'], r['predictions']))
+    m = firmware.measure_model(checkpoint, work / name, data, header=MODELS / f'{name}.h')
+    r = m['verify']
     row = {'name': name, 'float': r['float_acc'], 'python': r['python_acc'], 'c': r['c_acc'],
-           'mismatches': r['mismatches'], 'weights': weight_bytes(int_model), 'history': training_history(checkpoint),
-           'epochs': cfg['num_epochs']}
-    for target in ('CH32V003', 'CH32V002'):
-        build = work / name / target
-        subprocess.run(['make', '-C', str(ROOT / 'mcu'), f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
-                        f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}', str(build / 'sim.elf')],
-                       check=True, capture_output=True)
-        sim = firmware.run_qemu(build / 'sim.elf', blob, target)
-        if sim['mismatches']:
-            sys.exit(f"{name} on {target}: {sim['mismatches']} mismatches")
-        fits = subprocess.run(['make', '-C', str(ROOT / 'mcu'), f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
-                               f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}',
-                               str(build / 'flash.elf')], capture_output=True).returncode == 0
-        flash, ram = firmware.section_sizes(build / 'flash.elf') if fits else (None, None)
-        row[target] = {'mean': sim['mean'], 'accuracy': sim['correct'] / sim['images'], 'flash': flash,
-                       'stack': sim['stack'], 'fits': fits and ram + sim['stack'] <= firmware.CHIPS[target][1]}
+           'mismatches': r['mismatches'], 'history': training_history(checkpoint), 'epochs': cfg['num_epochs'],
+           # weights alone in the original layout: what the original project's sizes count
+           'weights': sum(layer.nbytes for layer in pack_model(m['int_model'], 'output-major'))}
+    for target in firmware.CHIPS:
+        t = m[target]
+        row[target] = {'mean': t['sim']['mean'], 'accuracy': t['sim']['correct'] / t['sim']['images'],
+                       'flash': t['flash'], 'stack': t['sim']['stack'], 'fits': t['fits']}
     return row
 
 

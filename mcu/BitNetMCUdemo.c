@@ -3,9 +3,10 @@
  * image, the prediction, the label and the cost of the inference; then a summary. Exits non-zero if
  * any prediction differs from the one the host computed (C engine and Python reference agree on it).
  *
- * Test images come from BitNetMCU_MNIST_test_data.h (a few, in flash) or, on the emulator, from a
- * blob QEMU loads into RAM at BITNETMCU_TESTSET_ADDR (all 10,000):
- *   "BNMT", uint32 count, int8 images[count][256], uint8 labels[count], uint8 predictions[count]
+ * Test images come from BitNetMCU_MNIST_test_data.h (a few, in flash) or, on the emulator, from the
+ * test-data blob QEMU loads into RAM at BITNETMCU_TESTSET_ADDR (all 10,000). Both are written by
+ * testdata.py, which documents the blob: "BNMT", uint32 version, count, inputs (bytes per image), then
+ * int8 images[count][inputs], uint8 labels[count], uint8 predictions[count].
  */
 #include <stdint.h>
 
@@ -14,12 +15,17 @@
 
 #ifdef BITNETMCU_TESTSET_ADDR
 #define TESTSET ((const uint32_t *)BITNETMCU_TESTSET_ADDR)
-#define TEST_COUNT (TESTSET[1])
-#define TEST_IMAGES ((const int8_t *)(TESTSET + 2))
-#define TEST_LABELS ((const uint8_t *)(TEST_IMAGES + ((uint32_t)TEST_COUNT << 8)))
+#define TESTSET_MAGIC 0x544D4E42u   /* "BNMT", little endian */
+#define TESTSET_VERSION 1u          /* testdata.BLOB_VERSION */
+#define TESTSET_IS_VALID (TESTSET[0] == TESTSET_MAGIC && TESTSET[1] == TESTSET_VERSION && \
+                          TESTSET[3] == BITNETMCU_MODEL_INPUTS)
+#define TEST_COUNT (TESTSET[2])
+#define TEST_IMAGES ((const int8_t *)(TESTSET + 4))
+#define TEST_LABELS ((const uint8_t *)(TEST_IMAGES + (uint32_t)TEST_COUNT * BITNETMCU_MODEL_INPUTS))
 #define TEST_PREDICTIONS (TEST_LABELS + TEST_COUNT)
 #else
 #include "BitNetMCU_MNIST_test_data.h"
+#define TESTSET_IS_VALID 1
 #define TEST_COUNT ((uint32_t)BITNETMCU_TEST_IMAGES)
 #define TEST_IMAGES (BitNetMCU_test_images)
 #define TEST_LABELS ((const uint8_t *)BitNetMCU_test_labels)
@@ -94,6 +100,11 @@ static __attribute__((noinline)) uint32_t measure_stack(const int8_t *image, int
 int main(void)
 {
     platform_init();
+    if (!TESTSET_IS_VALID) {
+        print("error: the test data is not a version-1 BitNetMCU blob of this model's image size; "
+              "run test_inference.py\n");
+        return 2;
+    }
     int32_t logits[BITNETMCU_MODEL_CLASSES];
     uint32_t count = TEST_COUNT, correct = 0, mismatches = 0;
     uint64_t total = 0;

@@ -4,7 +4,9 @@
     python firmware.py size  --elf FLASH_ELF --sim-elf E --blob B    # flash/RAM use and peak stack
     python firmware.py nomul --elf E                                 # no mul/div, no libgcc multiply
 
-Called by mcu/Makefile (make sim / size / nomul) and by bench/mcu_cycles.py.
+Called by mcu/Makefile (make sim / size / nomul). measure_model() is the whole chain for one checkpoint
+(export -> C vs Python on the test set -> firmware built and run on every chip), shared by
+bench/mcu_cycles.py, docs/make_results.py and the tests.
 """
 import argparse
 import re
@@ -12,6 +14,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+MCU_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(MCU_DIR.parent))
+from testdata import BlobError, read_blob, write_blob  # noqa: E402
 
 CROSS = 'riscv64-unknown-elf-'
 TESTSET_ADDR = 0x80400000
@@ -29,8 +35,7 @@ class FirmwareError(RuntimeError):
 
 def run_qemu(elf, blob, target, timeout=600):
     """Run the emulator build on the images of blob; returns the parsed report (dict)."""
-    if not Path(blob).exists():
-        raise FirmwareError(f"{blob} is missing: run test_inference.py first (it writes the test images)")
+    read_blob(blob, limit=0)   # a missing, foreign or truncated blob is named here, not by the firmware
     cmd = ['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS[target][2], '-icount', 'shift=0',
            '-nographic', '-kernel', str(elf), '-device', f'loader,file={blob},addr={TESTSET_ADDR:#x},force-raw=on']
     try:
@@ -54,13 +59,12 @@ def section_sizes(elf):
     return sizes.get('.text', 0) + sizes.get('.data', 0), sizes.get('.data', 0) + sizes.get('.bss', 0)
 
 
-def first_images(blob, n, path):
-    data = Path(blob).read_bytes()
-    count = int.from_bytes(data[4:8], 'little')
-    n = min(n, count)
-    part = (data[:4] + n.to_bytes(4, 'little') + data[8:8 + 256 * n] + data[8 + 256 * count:8 + 256 * count + n]
-            + data[8 + 257 * count:8 + 257 * count + n])
-    Path(path).write_bytes(part)
+def peak_stack(sim_elf, blob, target, timeout=600):
+    """Peak stack of one inference: the emulator build run on the blob's first 3 images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        three = Path(tmp) / 'three.bin'
+        write_blob(three, **read_blob(blob, limit=3))
+        return run_qemu(sim_elf, three, target, timeout)['stack']
 
 
 def multiply_uses(elf):
@@ -69,6 +73,58 @@ def multiply_uses(elf):
     found = [line.strip() for line in dump.splitlines()
              if re.search(r'\t(mul|mulh|mulhu|mulhsu|div|divu|rem|remu)\s', line) or re.search(r'<__(mul|div|udiv|mod|umod)\w*>', line)]
     return found
+
+
+def make(target, header, blob, build, *goals, timeout=900):
+    """mcu/Makefile for one chip, model header and test blob, building into `build`."""
+    return subprocess.run(['make', '-C', str(MCU_DIR), *goals, f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
+                           f'TEST_BLOB={blob}', f'BUILD={build}', f'PY={sys.executable}'],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def measure_firmware(header, blob, target, build):
+    """Build the firmware for one chip, run it on every image of the blob and link it for the chip.
+    Returns the emulator's report ('sim'), flash and static RAM of the chip build (None when it does not
+    link), whether it fits (flash, and RAM with the peak stack) and whether it is multiplier-free."""
+    out = make(target, header, blob, build, str(Path(build) / 'sim.elf'))
+    if out.returncode:
+        raise FirmwareError(f"firmware build for {target} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    sim = run_qemu(Path(build) / 'sim.elf', blob, target)
+    links = make(target, header, blob, build, str(Path(build) / 'flash.elf')).returncode == 0
+    flash, ram = section_sizes(Path(build) / 'flash.elf') if links else (None, None)
+    return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and ram + sim['stack'] <= CHIPS[target][1],
+            'nomul': not multiply_uses(Path(build) / 'sim.elf')}
+
+
+def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CHIPS), header=None, images=None):
+    """The whole chain for one checkpoint: export the header (to `header`, default work/model.h) in
+    `layout`, prove C == Python on the test set (or its first `images`), write the test blob, and measure
+    the firmware on every target (mismatches on the emulated chip are an error too).
+    Returns {'verify': test_inference.verify's result, 'int_model', 'packed': its packed layers,
+    target: measure_firmware's result}."""
+    import exportquant
+    import test_inference
+    from checkpoint import load_checkpoint
+    from fileio import atomic_write
+    from intmodel import pack_model, to_int_model
+    work = Path(work)
+    header = Path(header) if header else work / 'model.h'
+    blob = work / 'test.bin'
+    model, _, _ = load_checkpoint(checkpoint)
+    int_model = to_int_model(model)
+    atomic_write(header, exportquant.header_text(int_model, Path(checkpoint).name, layout))
+    if images is not None:
+        data = {**data, 'test_x16': data['test_x16'][:images], 'test_y': data['test_y'][:images]}
+    r = test_inference.verify(model, int_model, header, data, log=lambda *a: None)
+    if r['mismatches']:
+        raise FirmwareError(f"{checkpoint}: C and Python disagree on {r['mismatches']} images")
+    write_blob(blob, r['images'], r['labels'], r['predictions'])
+    row = {'verify': r, 'int_model': int_model, 'packed': pack_model(int_model, layout)}
+    for target in targets:
+        row[target] = measure_firmware(header, blob, target, work / target)
+        if row[target]['sim']['mismatches']:
+            raise FirmwareError(f"{checkpoint} on {target}: {row[target]['sim']['mismatches']} mismatches")
+    return row
 
 
 def main(argv=None):
@@ -92,9 +148,7 @@ def main(argv=None):
         elif args.command == 'size':
             flash_max, ram_max, _ = CHIPS[args.target]
             flash, ram = section_sizes(args.elf)
-            with tempfile.TemporaryDirectory() as tmp:
-                first_images(args.blob, 3, Path(tmp) / 'three.bin')
-                stack = run_qemu(args.sim_elf, Path(tmp) / 'three.bin', args.target, args.timeout)['stack']
+            stack = peak_stack(args.sim_elf, args.blob, args.target, args.timeout)
             fits = flash <= flash_max and ram + stack <= ram_max
             print(f"{args.target}: flash {flash} of {flash_max} bytes, RAM {ram} static + {stack} peak stack "
                   f"= {ram + stack} of {ram_max} bytes: {'fits' if fits else 'DOES NOT FIT'}")
@@ -106,7 +160,7 @@ def main(argv=None):
                 print(f"{args.elf}: {len(uses)} multiply/divide uses:\n  " + '\n  '.join(uses[:20]))
                 return 1
             print(f"{args.elf}: no mul/div instruction, no libgcc multiply or divide")
-    except (FirmwareError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
+    except (FirmwareError, BlobError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'mcu'))
 SHARED = ROOT.parent / 'shared' / 'original-checkpoints'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: trains several models, runs the firmware or a sanitizer build; '
+                                       'pytest -m "not slow" is the inner loop (under a minute), make test runs all')
 
 
 def original_checkpoint(name):

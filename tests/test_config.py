@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from BitNetMCU import CONFIG_SCHEMA, ConfigError, load_config, parse_overrides, run_name
+from BitNetMCU import build_model, quant_layers
+from config import CONFIG_SCHEMA, ConfigError, load_config, parse_overrides, run_name
 from conftest import ROOT
 
 
@@ -66,9 +67,12 @@ def test_missing_file_and_bad_set_syntax(tmp_path):
         parse_overrides(['num_epochs'])
 
 
-def test_keys_of_the_other_model_are_ignored_not_fatal(tmp_path):
-    cfg = load_config(write(tmp_path, 'model: FCMNIST\ncnn_width: 48\n'))
-    assert cfg['cnn_width'] == 48
+def test_keys_of_the_other_model_are_accepted_and_change_nothing(tmp_path):
+    cfg = load_config(write(tmp_path, 'model: FCMNIST\ncnn_width: 48\nconv_QuantType: 4bit\n'))
+    plain = load_config(write(tmp_path, 'model: FCMNIST\n'))
+    shapes = [[(name, tuple(layer.weight.shape), layer.qtype.name) for name, layer in quant_layers(build_model(c, 10))]
+              for c in (cfg, plain)]
+    assert shapes[0] == shapes[1]
 
 
 def test_run_name_changes_with_any_setting():

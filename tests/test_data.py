@@ -49,7 +49,7 @@ def fake_mnist(root, rng, n_train=40, n_test=20):
     return raw
 
 
-def test_bad_checksum_is_reported_and_file_kept(tmp_path, monkeypatch):
+def test_bad_checksum_is_reported_and_file_kept(tmp_path):
     raw = fake_mnist(tmp_path, np.random.default_rng(0))
     with pytest.raises(DataError) as err:
         load_dataset('MNIST', tmp_path, log=lambda *a: None)

@@ -10,12 +10,14 @@ import torch
 import exportquant
 import test_inference
 import training
-from BitNetMCU import (ExportError, encode_input, load_checkpoint, load_config, reference_logits,
-                       to_int_model)
+from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
+from checkpoint import load_checkpoint
+from config import load_config
 from conftest import ROOT, original_checkpoint
 from dataset import normalize
+from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
+from testdata import data_header_text, read_blob
 
-EXPORTABLE = ['Binary', 'Ternary', '2bitsym', '4bitsym', '4bit', '8bit', 'FP130', 'NF4']
 STRICT = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O1']
 
 
@@ -28,8 +30,7 @@ def short_training(data, run_dirs, **overrides):
 
 def compile_host_program(tmp_path, header, images, labels, predictions, compiler):
     (tmp_path / 'BitNetMCU_model.h').write_text(Path(header).read_text())
-    (tmp_path / 'BitNetMCU_MNIST_test_data.h').write_text(
-        test_inference.test_data_header(images, labels, predictions))
+    (tmp_path / 'BitNetMCU_MNIST_test_data.h').write_text(data_header_text(images, labels, predictions))
     # The program sits beside the headers: a quoted #include looks in the including file's folder first.
     (tmp_path / 'BitNetMCU_MNIST_test.c').write_text((ROOT / 'BitNetMCU_MNIST_test.c').read_text())
     exe = tmp_path / f'test_{compiler}'
@@ -39,12 +40,14 @@ def compile_host_program(tmp_path, header, images, labels, predictions, compiler
     return subprocess.run([str(exe)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['FCMNIST', 'CNNMNIST'])
-@pytest.mark.parametrize('qtype', EXPORTABLE)
+@pytest.mark.parametrize('qtype', EXPORTABLE_TYPES)
 def test_every_type_exports_compiles_and_matches_on_10000_images(small_mnist, mnist, run_dirs, tmp_path, model, qtype):
-    # CNN: the convolutions take the type too where it fits the int8 conv kernel (FP130's 2^7 does not).
-    extra = dict(model='CNNMNIST', cnn_width=6, network_width3=0,
-                 conv_QuantType='8bit' if qtype == 'FP130' else qtype) if model == 'CNNMNIST' else {}
+    # CNN: the convolutions take the type too where it has an int8 conv kernel (FP130's 2^7 does not).
+    conv_type = qtype if QUANT_TYPES[qtype].conv_shift is not None else '8bit'
+    extra = dict(model='CNNMNIST', cnn_width=6, network_width3=0, conv_QuantType=conv_type) \
+        if model == 'CNNMNIST' else {}
     path = short_training(small_mnist, run_dirs, QuantType=qtype, fc1_QuantType=qtype, **extra)
     header = tmp_path / 'model.h'
     assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
@@ -125,7 +128,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_header(small_mnist, run_dirs, 
 
 
 def test_unexportable_models_say_why(small_mnist, run_dirs):
-    for overrides, message in [(dict(QuantType='None'), r"'None' \(float\) has no integer form"),
+    for overrides, message in [(dict(QuantType='None'), r"'None' \(float weights.*has no integer form"),
                                (dict(NormType='LayerNorm'), 'NormType LayerNorm'),
                                (dict(WScale='PerOutput'), 'WScale PerOutput'),
                                (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'), 'int8 conv kernel')]:
@@ -134,20 +137,26 @@ def test_unexportable_models_say_why(small_mnist, run_dirs):
             to_int_model(model)
 
 
-def test_test_inference_cli_checks_the_header_is_current(small_mnist, run_dirs, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_test_inference_cli_checks_the_header_is_current(small_mnist, run_dirs, tmp_path, capsys, monkeypatch, layout):
     path = short_training(small_mnist, run_dirs)
     header, data = tmp_path / 'model.h', tmp_path / 'data.h'
-    assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
+    assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval', '--layout', layout]) == 0
+    assert f'#define BITNETMCU_MODEL_LAYOUT "{layout}"' in header.read_text()   # the layout is read from here
     monkeypatch.setattr(test_inference, 'load_dataset', lambda name: small_mnist)
     blob = tmp_path / 'data.bin'
     args = ['--checkpoint', str(path), '--header', str(header), '--test-data', str(data), '--test-blob', str(blob)]
     assert test_inference.main(args + ['--test-images', '50']) == 0
     out = capsys.readouterr().out
     assert '0 mismatching images' in out and '#define BITNETMCU_TEST_IMAGES 50' in data.read_text()
-    assert blob.read_bytes()[:8] == b'BNMT' + (1000).to_bytes(4, 'little')   # every image of small_mnist
-    header.write_text(header.read_text().replace('0x', '0X', 1))
+    assert read_blob(blob)['images'].shape == (1000, 256)   # every image of small_mnist
+    text = header.read_text()
+    header.write_text(text.replace('0x', '0X', 1))
     assert test_inference.main(args) == 2
     assert 'out of date' in capsys.readouterr().err
+    header.write_text(text.replace('#define BITNETMCU_MODEL_LAYOUT', '#define OTHER'))
+    assert test_inference.main(args) == 2
+    assert 'names no weight layout' in capsys.readouterr().err
 
 
 def test_missing_default_checkpoint_says_train_first(tmp_path, capsys, monkeypatch):
@@ -159,12 +168,13 @@ def test_missing_default_checkpoint_says_train_first(tmp_path, capsys, monkeypat
 def test_summary_plots_and_stats(tmp_path, capsys):
     model, _, _ = load_checkpoint(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'))
     int_model = to_int_model(model)
-    int_model.layout = 'output-major'     # the original layout: 25,216 weights x 4 bits, nothing padded
-    exportquant.print_summary(int_model)
+    # The original layout: 25,216 weights x 4 bits, nothing padded.
+    exportquant.print_summary(int_model, pack_model(int_model, 'output-major'))
     out = capsys.readouterr().out
     assert ' 12608   weights' in out and 'activation buffers (RAM): 320 bytes' in out
-    int_model.layout = 'input-major'      # the classifier's 10 outputs take two words per input,
-    exportquant.print_summary(int_model)  # and the first layer's 64 int16 row sums skip the background
+    # Input-major: the classifier's 10 outputs take two words per input, and the first layer's 64 int16
+    # row sums skip the background.
+    exportquant.print_summary(int_model, pack_model(int_model, 'input-major'))
     assert ' 12928   weights' in capsys.readouterr().out
     exportquant.write_plots(int_model, tmp_path, log=lambda *a: None)
     assert (tmp_path / 'weight_histograms.png').stat().st_size > 1000

@@ -9,17 +9,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from BitNetMCU import (LAYOUTS, NF4_LEVELS_INT8, QUANT_TYPES, conv3x3_relu, fc, maxpool2, pack_layer, pack_rows,
-                       shiftnorm_relu)
+from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
+from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, shiftnorm_relu
 from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
-INT_LEVELS = {   # the integers each type's kernel multiplies by
-    'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3],
-    '4bitsym': list(range(-15, 16, 2)), '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
-    'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF4': NF4_LEVELS_INT8,
-}
 settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile('kernels')
@@ -39,12 +34,12 @@ def int8_vectors(n):
 
 @st.composite
 def fc_cases(draw):
-    qtype = draw(st.sampled_from(list(INT_LEVELS)))
+    qtype = QUANT_TYPES[draw(st.sampled_from(EXPORTABLE_TYPES))]
     n_in, n_out = draw(st.integers(1, 300)), draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2 ** 32 - 1))
-    weights = np.random.default_rng(seed).choice(INT_LEVELS[qtype], size=(n_out, n_in))
-    if draw(st.booleans()):   # extreme weights: all at the largest magnitude of the type
-        weights[:] = INT_LEVELS[qtype][0]
+    weights = np.random.default_rng(seed).choice(qtype.int_levels, size=(n_out, n_in))
+    if draw(st.booleans()):   # extreme weights: all at the most negative level of the type
+        weights[:] = min(qtype.int_levels)
     return qtype, weights, draw(int8_vectors(n_in))
 
 
@@ -52,19 +47,18 @@ def fc_cases(draw):
 def test_fc_matches_python_for_every_type_and_layout(engine, case, layout, zero):
     ffi, lib = engine
     qtype, weights, x = case
-    packed, kernel, slots = pack_layer(QUANT_TYPES[qtype], weights, layout)
-    packed = np.ascontiguousarray(packed)
-    out = np.full(slots, 12345, np.int32)
+    layer = pack_fc(IntOp('fc', qtype, weights), layout, skip_background=True)
+    packed = np.ascontiguousarray(layer.words)
+    out = np.full(layer.outputs, 12345, np.int32)
     extra = []
-    if 'rows' not in kernel:   # input-major: skip inputs equal to `zero`, add zero * rowsums
-        rowsums = np.ascontiguousarray(weights.sum(axis=1).astype(np.int16))
-        assume(np.array_equal(rowsums, weights.sum(axis=1)))
+    if layer.layout == 'input-major':   # skip inputs equal to `zero`, add zero * rowsums
+        assume(layer.rowsums is not None)   # None: the row sums do not fit int16
         x = x.copy()
         x[::3] = zero   # make skipping happen
-        extra = [zero, ffi.from_buffer('int16_t[]', rowsums)]
+        extra = [zero, ffi.from_buffer('int16_t[]', np.ascontiguousarray(layer.rowsums))]
     args = [ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out),
             len(weights)] + extra
-    getattr(lib, kernel)(*args)
+    getattr(lib, layer.kernel)(*args)
     assert np.array_equal(out[:len(weights)], fc(x[None].astype(np.int64), weights)[0])
 
 
@@ -127,7 +121,7 @@ def test_ternary_packing_decodes_every_group():
     # All 3^10 groups of 10 trits survive the ceil(v * 65536 / 3^10) encoding.
     digits = (np.arange(3 ** 10)[:, None] // 3 ** np.arange(9, -1, -1)) % 3
     weights = np.choose(digits, [1, -1, 0])
-    packed = pack_rows(QUANT_TYPES['Ternary'], weights).astype(np.int64).flatten()
+    packed = pack_codes(QUANT_TYPES['Ternary'], weights).astype(np.int64).flatten()
     frac, decoded = packed.copy(), []
     for _ in range(10):
         frac = frac * 3
@@ -136,6 +130,16 @@ def test_ternary_packing_decodes_every_group():
     assert np.array_equal(np.stack(decoded, 1), digits)
 
 
+def test_every_kernel_of_the_type_table_is_in_the_engine_and_no_other(engine):
+    """BitNetMCU.py's QUANT_TYPES and the header's BITNETMCU_FC_TYPES list name the same kernels (the cffi
+    declarations come from the header itself)."""
+    _, lib = engine
+    named = {kernel for q in QUANT_TYPES.values() for kernel in q.kernels.values()}
+    in_engine = {name for name in dir(lib) if name.startswith('BitNetMCU_fc_')}
+    assert named == in_engine
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(SANITIZE, reason='this is the test that starts the sanitizer run')
 def test_kernels_are_clean_under_address_and_undefined_behavior_sanitizers():
     libasan = subprocess.run(['gcc', '-print-file-name=libasan.so'], capture_output=True, text=True).stdout.strip()

@@ -1,34 +1,27 @@
 """The firmware: built for RV32EC with the cross-compiler, run on all test images in QEMU with exact
 instruction counts, checked for memory fit and for multiplies. Real tools, no mocks."""
 import subprocess
+import sys
 
 import pytest
 
-import exportquant
-import test_inference
-from BitNetMCU import load_checkpoint
+import firmware
 from conftest import ROOT, original_checkpoint
 from test_export import short_training
+from testdata import BLOB_HEADER_BYTES
 
+pytestmark = pytest.mark.slow
 MCU = ROOT / 'mcu'
 
 
 def export_with_test_data(checkpoint, tmp_path, data):
-    """Header and test-data blob of a checkpoint, as `make` produces them."""
-    header, blob = tmp_path / 'model.h', tmp_path / 'test.bin'
-    assert exportquant.main(['--checkpoint', str(checkpoint), '--output', str(header), '--no-eval']) == 0
-    model, _, _ = load_checkpoint(checkpoint)
-    from BitNetMCU import to_int_model
-    result = test_inference.verify(model, to_int_model(model), header, data, log=lambda *a: None)
-    assert result['mismatches'] == 0
-    blob.write_bytes(test_inference.test_data_blob(result['images'], result['labels'], result['predictions']))
-    return header, blob, result
+    """Header and test-data blob of a checkpoint, as `make` produces them (C == Python checked on the way)."""
+    result = firmware.measure_model(checkpoint, tmp_path, data, targets=())
+    return tmp_path / 'model.h', tmp_path / 'test.bin', result['verify']
 
 
 def make(tmp_path, target, header, blob, *goals):
-    return subprocess.run(['make', '-C', str(MCU), *goals, f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
-                           f'TEST_BLOB={blob}', f'BUILD={tmp_path / target}', f'PY={ROOT / ".venv/bin/python"}'],
-                          capture_output=True, text=True, timeout=900)
+    return firmware.make(target, header, blob, tmp_path / target, *goals)
 
 
 @pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
@@ -46,7 +39,7 @@ def test_original_model_on_emulated_core_matches_host_on_10000_images(mnist, tmp
 def test_emulator_reports_mismatches_and_fails(mnist, tmp_path):
     header, blob, _ = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
     data = bytearray(blob.read_bytes())
-    data[8 + 10000 * 256 + 10000 + 7] ^= 1          # corrupt the expected prediction of image 7
+    data[BLOB_HEADER_BYTES + 10000 * 256 + 10000 + 7] ^= 1          # corrupt the expected prediction of image 7
     blob.write_bytes(bytes(data))
     run = make(tmp_path, 'CH32V003', header, blob, 'sim')
     assert run.returncode != 0
@@ -80,6 +73,22 @@ def test_wide_cnn_does_not_fit_ch32v003_but_fits_ch32v002(small_mnist, mnist, ru
     assert small.returncode != 0 and 'DOES NOT FIT' in small.stdout
     big = make(tmp_path, 'CH32V002', header, blob, 'size')
     assert big.returncode == 0 and ': fits' in big.stdout, big.stdout[-3000:] + big.stderr[-3000:]
+
+
+def test_blob_of_another_format_is_refused_by_the_firmware_itself(mnist, tmp_path):
+    header, blob, _ = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
+    assert make(tmp_path, 'CH32V003', header, blob, str(tmp_path / 'CH32V003' / 'sim.elf')).returncode == 0
+    data = bytearray(blob.read_bytes())
+    data[4] = 9                                      # a format version the firmware does not read
+    blob.write_bytes(bytes(data))
+    run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', firmware.CHIPS['CH32V003'][2],
+                          '-nographic', '-kernel', str(tmp_path / 'CH32V003' / 'sim.elf'), '-device',
+                          f'loader,file={blob},addr={firmware.TESTSET_ADDR:#x},force-raw=on'],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and 'not a version-1 BitNetMCU blob' in run.stdout
+    out = subprocess.run([sys.executable, str(MCU / 'firmware.py'), 'sim', '--elf', str(tmp_path / 'CH32V003' / 'sim.elf'),
+                          '--blob', str(blob)], capture_output=True, text=True)
+    assert out.returncode == 2 and 'format version 9' in out.stderr and 'run test_inference.py' in out.stderr
 
 
 def test_missing_header_is_a_clear_error(tmp_path):

@@ -5,17 +5,7 @@ import torch
 from BitNetMCU import (NF4_LEVELS_INT8, QUANT_TYPES, BitConv2d, BitLinear, code_entropy_bits, clipping_scalar,
                        fake_quantize_weight, octav_clip, octav_mse, quantize_activations)
 
-HALF = [k + 0.5 for k in range(-8, 8)]
-EXPECTED_LEVELS = {
-    'Binary': [-1, 1],
-    'Ternary': [-1, 0, 1],
-    '2bitsym': [-1.5, -0.5, 0.5, 1.5],
-    '4bitsym': HALF,
-    '4bit': list(range(-8, 8)),
-    '8bit': list(range(-128, 128)),
-    'FP130': [sign * 2 ** e for sign in (-1, 1) for e in range(8)],
-    'NF4': NF4_LEVELS_INT8,
-}
+QUANTIZED = [q.name for q in QUANT_TYPES.values() if q.levels is not None]
 
 
 def wide_weights(n=20000, seed=0):
@@ -23,12 +13,20 @@ def wide_weights(n=20000, seed=0):
     return torch.randn(1, n, generator=g) * torch.rand(1, n, generator=g) * 3
 
 
-@pytest.mark.parametrize('name', EXPECTED_LEVELS)
+@pytest.mark.parametrize('name', QUANTIZED)
 def test_levels_are_exactly_the_documented_set(name):
-    w = wide_weights()
-    u, step = QUANT_TYPES[name].quantize(w, torch.tensor([[1.0]]))
-    assert sorted(set(u.flatten().tolist())) == sorted(set(EXPECTED_LEVELS[name]))
-    assert torch.allclose(fake_quantize_weight(w, torch.tensor([[1.0]]), QUANT_TYPES[name]), u * step)
+    """Wide random weights reach every level of the type's row, and nothing else."""
+    u, _ = QUANT_TYPES[name].quantize(wide_weights(), torch.tensor([[1.0]]))
+    assert sorted(set(u.flatten().tolist())) == sorted(set(QUANT_TYPES[name].levels))
+
+
+def test_the_levels_of_the_table():
+    """The rows' level sets, spelled out once: what the README documents and the C kernels decode."""
+    assert QUANT_TYPES['4bitsym'].int_levels == list(range(-15, 16, 2))
+    assert QUANT_TYPES['2bitsym'].int_levels == [-3, -1, 1, 3]
+    assert sorted(QUANT_TYPES['FP130'].int_levels) == [-128, -64, -32, -16, -8, -4, -2, -1, 1, 2, 4, 8, 16, 32, 64, 128]
+    assert QUANT_TYPES['NF4'].int_levels == [-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127]
+    assert [q for q in QUANT_TYPES if not QUANT_TYPES[q].exportable] == ['None']
 
 
 @pytest.mark.parametrize('name,w,expected', [
@@ -46,12 +44,18 @@ def test_known_values_with_s_one(name, w, expected):
 
 
 def test_nf4_picks_nearest_level():
-    w = torch.linspace(-1.2, 1.2, 501).view(1, -1)
-    u, step = QUANT_TYPES['NF4'].quantize(w, torch.tensor([[1.0]]))
-    levels = torch.tensor(NF4_LEVELS_INT8, dtype=torch.float32)
-    best = levels[((w.clamp(-1, 1) * 127).unsqueeze(-1) - levels).abs().argmin(-1)]
-    assert torch.equal(u, best)
-    assert step.item() == pytest.approx(1 / 127)
+    """Each level maps to itself; just either side of the midpoint between two levels, the nearer one wins;
+    beyond +-s the outer levels."""
+    levels = NF4_LEVELS_INT8
+    quantize = QUANT_TYPES['NF4'].quantize
+    at_levels, step = quantize(torch.tensor([levels]) / 127, torch.tensor([[1.0]]))
+    assert at_levels.flatten().tolist() == levels and step.item() == pytest.approx(1 / 127)
+    for low, high in zip(levels[:-1], levels[1:]):
+        mid = (low + high) / 2
+        u, _ = quantize(torch.tensor([[mid - 0.01, mid + 0.01]]) / 127, torch.tensor([[1.0]]))
+        assert u.flatten().tolist() == [low, high]
+    u, _ = quantize(torch.tensor([[-5.0, 5.0]]), torch.tensor([[1.0]]))
+    assert u.flatten().tolist() == [-127, 127]
 
 
 @pytest.mark.parametrize('name', list(QUANT_TYPES))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import training
-from BitNetMCU import QUANT_TYPES, ConfigError, build_model, load_config, quant_layers, run_name
+from BitNetMCU import QUANT_TYPES, build_model, quant_layers
+from config import ConfigError, load_config, run_name
 
 
 def config(**overrides):

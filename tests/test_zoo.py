@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 import test_inference
-from BitNetMCU import load_checkpoint, load_config, run_name, to_int_model
+from checkpoint import load_checkpoint
+from config import load_config, run_name
 from conftest import ROOT
-from exportquant import header_text
+from exportquant import header_layout, header_text
+from intmodel import to_int_model
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
 
@@ -16,14 +18,16 @@ def test_zoo_is_not_empty():
     assert CONFIGS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
-def test_zoo_model_header_is_current_and_c_matches_python(mnist, config, tmp_path):
+def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
     checkpoint = ROOT / 'modeldata' / f'{run_name(load_config(config))}.pth'
     assert checkpoint.exists(), f"{checkpoint.name} is not committed: python training.py --params {config}"
     header = ROOT / 'mcu' / 'models' / f'{config.stem}.h'
     model, _, metrics = load_checkpoint(checkpoint)
     int_model = to_int_model(model)
-    assert header.read_text() == header_text(int_model, checkpoint.name), \
+    text = header.read_text()
+    assert header_layout(text) == 'input-major' and text == header_text(int_model, checkpoint.name), \
         f"{header} is stale: python docs/make_results.py"
     result = test_inference.verify(model, int_model, Path(header), mnist, log=lambda *a: None)
     assert result['n'] == 10000 and result['mismatches'] == 0

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
+#define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10

@@ -1,0 +1,161 @@
+"""The config: the one loader and validator that training.py, exportquant.py and test_inference.py share.
+
+A config is a plain dict of the keys in CONFIG_SCHEMA (the original BitNetMCU's names). It is read from a
+YAML file, overridden by --set KEY=VALUE, filled with defaults and validated key by key: a typo, a wrong
+type or an invalid value is a ConfigError that names the key and the valid choices.
+"""
+import difflib
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from BitNetMCU import MODELS, NORM_TYPES, QUANT_TYPES, hidden_widths
+from dataset import DATASETS
+from fileio import PROJECT_DIR
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message says which and what is valid."""
+
+
+def _choice(*options):
+    return lambda v: None if v in options else f"must be one of {list(options)}"
+
+
+def _at_least(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _between(lo, hi):
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _optional_choice(*options):
+    return lambda v: None if v is None or v in options else f"must be null or one of {list(options)}"
+
+
+_NUM = (int, float)
+# key: (types, default, check, help). Keys keep the original BitNetMCU names.
+CONFIG_SCHEMA = {
+    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected) or CNNMNIST (depthwise CNN)'),
+    'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
+    'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
+    'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
+                      'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
+    'conv_QuantType': (str, '8bit', _choice(*QUANT_TYPES), 'CNNMNIST convolution weight quantization'),
+    'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
+    'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
+    'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
+    'maxw_update_until_epoch': (int, 45, _at_least(0), 's is re-estimated before each epoch below this'),
+    'maxw_quantscale': (_NUM, 0.25, lambda v: None if v > 0 else 'must be > 0', 'prop: s = mean|w| / quantscale'),
+    'num_epochs': (int, 60, _at_least(1), 'training epochs'),
+    'batch_size': (int, 128, _at_least(1), 'mini-batch size'),
+    'scheduler': (str, 'Cosine', _choice('StepLR', 'Cosine', 'CosineWarmRestarts'), 'learning-rate schedule'),
+    'learning_rate': (_NUM, 0.001, lambda v: None if v > 0 else 'must be > 0', 'Adam learning rate'),
+    'lr_decay': (_NUM, 0.1, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]', 'StepLR factor'),
+    'step_size': (int, 10, _at_least(1), 'StepLR period in epochs'),
+    'T_0': (int, 10, _at_least(1), 'CosineWarmRestarts first period in epochs'),
+    'T_mult': (int, 2, _at_least(1), 'CosineWarmRestarts period multiplier'),
+    'halve_lr_epoch': (int, -1, _at_least(-1), 'halve the learning rate from this epoch on (-1: never)'),
+    'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
+    'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
+                  'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
+    'oscillation_dampening': (_NUM, 0.0, _at_least(0),
+                              'pull of the latent weights to their levels, times (1 - lr / learning_rate) (0: off)'),
+    'init_from': (str, '', None, 'checkpoint (same shapes, e.g. a float run) to start from, path relative to the project'),
+    'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
+    'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),
+    'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),
+    'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
+    'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
+    'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
+    'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
+    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels'),
+    'network_width1': (int, 64, _at_least(1), 'first hidden width'),
+    'network_width2': (int, 64, _at_least(1), 'second hidden width'),
+    'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
+    'runtag': (str, 'default', None, 'free text prefix of the run name'),
+    'seed': (int, 0, _at_least(0), 'random seed (init, shuffling, augmentation)'),
+    'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
+}
+DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
+
+
+def _check_value(key, value):
+    types, _, check, _ = CONFIG_SCHEMA[key]
+    types = types if isinstance(types, tuple) else (types,)
+    # bool is an int in Python; only accept it where bool is meant, and ints where floats are meant.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = ' or '.join('null' if t is type(None) else t.__name__ for t in types)
+        raise ConfigError(f"config key {key!r}: {value!r} is a {type(value).__name__}, expected {names}")
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"config key {key!r}: {value!r} {problem}")
+
+
+def _unknown_key(key):
+    close = difflib.get_close_matches(key, CONFIG_SCHEMA, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ''
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(CONFIG_SCHEMA)}")
+
+
+def parse_overrides(pairs):
+    """['KEY=VALUE', ...] -> dict, VALUE parsed as YAML (so 8 is an int, true a bool, null None)."""
+    out = {}
+    for pair in pairs or []:
+        if '=' not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_epochs=10")
+        key, text = pair.split('=', 1)
+        out[key.strip()] = yaml.safe_load(text) if text.strip() else ''
+    return out
+
+
+def load_config(path=None, overrides=None):
+    """Read a YAML config, apply overrides, fill defaults, validate every key. Returns a plain dict."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(raw).__name__}")
+    return validate_config({**raw, **(overrides or {})})
+
+
+def validate_config(raw):
+    cfg = {}
+    for key, value in raw.items():
+        if key not in CONFIG_SCHEMA:
+            raise _unknown_key(key)
+        _check_value(key, value)
+        cfg[key] = value
+    for key, (_, default, _, _) in CONFIG_SCHEMA.items():
+        cfg.setdefault(key, default)
+    return cfg
+
+
+def config_hash(cfg):
+    """Short hash of every setting that shapes the trained weights (not the device). Keys at their
+    default are left out, so adding a key to the schema renames no earlier run."""
+    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device' and v != CONFIG_SCHEMA[k][1]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg):
+    """Readable summary of the main settings plus a hash of all of them: different config, different name."""
+    if cfg['model'] == 'CNNMNIST':
+        arch = f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg)))
+    else:
+        arch = 'FC' + 'x'.join(map(str, hidden_widths(cfg)))
+    return (f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{cfg['QuantType']}_{cfg['NormType']}_"
+            f"{cfg['maxw_algo']}_ep{cfg['num_epochs']}_{config_hash(cfg)}")
+
+
+def describe_config():
+    """One line per config key: name, default, meaning (for --help)."""
+    return '\n'.join(f"  {key:28s} {str(default):10s} {text}" for key, (_, default, _, text) in CONFIG_SCHEMA.items())

@@ -1,0 +1,236 @@
+"""The integer model: what the MCU runs, a numpy reference that computes exactly what the C engine computes,
+and the packing of its weights into the arrays the C kernels read.
+
+    model (BitNetMCU.py) --to_int_model--> IntModel --reference_logits--> logits, bit-exact with C
+                                              |
+                                              +--pack_model(layout)--> [PackedLayer] --> exportquant.py's header
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from BitNetMCU import (CONV_TYPES, EXPORTABLE_TYPES, LAYOUTS, BitConv2d, BitLinear, InputQuant, QuantType,
+                       RMSNorm)
+
+
+# ------------------------------------------------------------------------------------------------
+# The integer model and its reference engine
+# ------------------------------------------------------------------------------------------------
+
+class ExportError(ValueError):
+    """The model cannot be turned into an integer model; the message says why and what would work."""
+
+
+@dataclass
+class IntOp:
+    """One step of the integer model, in order. kind:
+    'fc'        int8 input -> int32 sums, weights (out, in) as the kernel multiplies them
+    'conv'      3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 in/out
+    'maxpool'   2x2 max pooling per channel
+    'shiftnorm' ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)"""
+    kind: str
+    qtype: Optional[QuantType] = None
+    weights: Optional[np.ndarray] = None
+    shift: int = 0
+    name: str = ''
+
+
+@dataclass
+class IntModel:
+    ops: list
+    num_classes: int
+    input_size: int = 16
+
+    def weight_ops(self):
+        return [op for op in self.ops if op.weights is not None]
+
+
+def integer_weights(layer, label):
+    """The integers the C kernel multiplies by."""
+    qtype = layer.qtype
+    if not qtype.exportable:
+        raise ExportError(f"{label}: QuantType {qtype.name!r} ({qtype.description}) has no integer form; "
+                          f"train with one of {EXPORTABLE_TYPES}")
+    levels = layer.weight_levels().cpu().double().numpy() * qtype.int_scale
+    iw = np.rint(levels).astype(np.int64)
+    if not np.array_equal(iw, levels):
+        raise ExportError(f"{label}: {qtype.name} levels are not integers after scaling")
+    return iw
+
+
+def to_int_model(model):
+    """Walk model.layers once and build the integer model both the header writer and the reference use."""
+    ops = []
+    for index, module in model.layers.named_children():
+        label = f'layers.{index}'
+        if isinstance(module, BitConv2d):
+            if module.per_output:
+                raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
+                                  "integer engine does not have; train with WScale PerTensor to export")
+            if module.qtype.conv_shift is None:
+                raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
+                                  f"use conv_QuantType {' / '.join(CONV_TYPES)}")
+            ops.append(IntOp('conv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
+                             module.qtype.conv_shift, label))
+        elif isinstance(module, nn.MaxPool2d):
+            ops.append(IntOp('maxpool', name=label))
+        elif isinstance(module, BitLinear):
+            if module.per_output:
+                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
+                                  "engine does not have; train with WScale PerTensor to export")
+            if not isinstance(module.norm, (RMSNorm, nn.Identity)):
+                raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
+                                  "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
+            if ops:   # the first layer's input is the int8 image itself
+                ops.append(IntOp('shiftnorm', name=f'{label} input'))
+            ops.append(IntOp('fc', module.qtype, integer_weights(module, label), name=label))
+        elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
+            raise ExportError(f"{label}: {type(module).__name__} has no integer kernel")
+    return IntModel(ops, num_classes=ops[-1].weights.shape[0])
+
+
+def encode_input(images):
+    """Float images (N, 16, 16) or (N, 256) -> int8 as the MCU sees them: round(x * 127 / max|x|) per image.
+    Rounds half to even, like torch.round in training."""
+    x = images.reshape(len(images), -1).to(torch.float32)
+    scale = 127.0 / x.abs().amax(dim=1, keepdim=True).clamp_min(1e-5)
+    return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
+
+
+def shiftnorm_relu(sums):
+    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C."""
+    peak = sums.max(axis=1, keepdims=True)
+    shift = np.zeros_like(peak)
+    while ((peak >> shift) > 127).any():
+        shift += (peak >> shift) > 127
+    half = (1 << shift) >> 1
+    return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
+
+
+def fc(x, weights):
+    """Fully connected: (N, n_in) @ (n_out, n_in)^T. float64 BLAS is exact here: every partial sum is an
+    integer far below 2^53."""
+    return np.rint(x.astype(np.float64) @ weights.T.astype(np.float64)).astype(np.int64)
+
+
+def conv3x3_relu(x, weights, shift):
+    """Per-channel 3x3 conv (no padding) + ReLU + right shift, as BitNetMCU_conv3x3_relu().
+    x (N, 1 or C, H, W), weights (C, 9): one input channel feeds all C outputs, else depthwise."""
+    n, _, h, w = x.shape
+    k = weights.reshape(1, -1, 3, 3)
+    acc = np.zeros((n, k.shape[1], h - 2, w - 2), dtype=np.int64)
+    for dy in range(3):
+        for dx in range(3):
+            acc += x[:, :, dy:dy + h - 2, dx:dx + w - 2] * k[:, :, dy, dx, None, None]
+    return acc, np.where(acc > 0, acc >> shift, 0)
+
+
+def maxpool2(x):
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def reference_logits(int_model, images_int8):
+    """The integer reference engine: int8 images (N, 256) -> logits (N, classes), batch-wise, bit-exact with
+    the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
+    x = np.asarray(images_int8, dtype=np.int64)
+    size = int_model.input_size
+    if any(op.kind == 'conv' for op in int_model.ops):
+        x = x.reshape(len(x), 1, size, size)
+    for op in int_model.ops:
+        if op.kind == 'fc':
+            x = fc(x, op.weights)
+        elif op.kind == 'shiftnorm':
+            x = shiftnorm_relu(x.reshape(len(x), -1))
+        elif op.kind == 'conv':
+            acc, x = conv3x3_relu(x, op.weights, op.shift)
+            _check_int32(acc, op)
+        elif op.kind == 'maxpool':
+            x = maxpool2(x)
+        _check_int32(x, op)
+    return x
+
+
+def _check_int32(x, op):
+    if x.size and np.abs(x).max() > INT32_MAX:
+        raise ExportError(f"{op.name or op.kind}: sums exceed 32 bits; the C engine would overflow")
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing: integer weights into the arrays the C kernels read
+# ------------------------------------------------------------------------------------------------
+
+def pack_codes(qtype, iw):
+    """Integer weights (rows, n_in) -> packed rows, each starting a new word.
+    'bits': uint32 words of codes MSB-first, first input in the top bits (zero bits pad the last word;
+    the kernel stops at n_in). 'trits': uint16 groups of 10 base-3 digits, each stored as
+    ceil(v * 65536 / 3^10) so that x3 brings the next trit into bits 16-17."""
+    iw = np.asarray(iw, dtype=np.int64)
+    rows, n_in = iw.shape
+    codes = qtype.encode(iw).astype(np.int64)
+    if qtype.packing == 'trits':
+        codes = np.pad(codes, ((0, 0), (0, -n_in % 10)), constant_values=2)
+        value = codes.reshape(rows, -1, 10) @ (3 ** np.arange(9, -1, -1))
+        return ((value * 65536 + 59048) // 59049).astype(np.uint16)
+    bits = int(qtype.bits)
+    per_word = 32 // bits
+    codes = np.pad(codes, ((0, 0), (0, -n_in % per_word))).reshape(rows, -1, per_word).astype(np.uint64)
+    shifts = (32 - bits * (np.arange(per_word) + 1)).astype(np.uint64)
+    return (codes << shifts).sum(axis=-1).astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One weight layer as the header stores it: made once by pack_model, read by the header writer, the
+    summary and the buffer plan."""
+    op: IntOp
+    kernel: str                        # the C function that reads `words`
+    layout: str                        # fc: 'input-major' or 'output-major'; conv: 'channels' (9 weights each)
+    words: np.ndarray                  # the weight array in the header
+    outputs: int = 0                   # fc: int32 sums the kernel writes (input-major: n_out up to whole words)
+    rowsums: Optional[np.ndarray] = None   # int16 sum of each output's weights: lets the kernel skip the background
+
+    @property
+    def nbytes(self):
+        """Flash bytes of the layer's arrays."""
+        return self.words.nbytes + (self.rowsums.nbytes if self.rowsums is not None else 0)
+
+
+def pack_fc(op, layout, skip_background=False):
+    """A fully connected layer in `layout`, or in the only layout its type has (Ternary: output-major).
+    input-major (fast, the default): for each input the codes of all outputs. output-major: for each output
+    the codes of all inputs (the original BitNetMCU layout). skip_background: the layer reads the image, so
+    the input-major kernel skips background pixels and adds their share from the row sums (when those fit
+    int16)."""
+    if layout not in LAYOUTS:
+        raise ExportError(f"weight layout {layout!r} is not one of {list(LAYOUTS)}")
+    qtype, iw = op.qtype, np.asarray(op.weights)
+    if layout not in qtype.kernels:
+        layout = next(iter(qtype.kernels))
+    n_out = iw.shape[0]
+    if layout == 'output-major':
+        return PackedLayer(op, qtype.kernels[layout], layout, pack_codes(qtype, iw), n_out)
+    per_word = 32 // int(qtype.bits)
+    rowsums = iw.sum(axis=1)
+    rowsums = rowsums.astype(np.int16) if skip_background and np.abs(rowsums).max() <= 32767 else None
+    return PackedLayer(op, qtype.kernels[layout], layout, pack_codes(qtype, iw.T), -(-n_out // per_word) * per_word,
+                       rowsums)
+
+
+def pack_model(int_model, layout=LAYOUTS[0]):
+    """Every weight op of the model, packed once, in order."""
+    packed = []
+    for op in int_model.weight_ops():
+        reads_image = op is int_model.ops[0]
+        if op.kind == 'conv':
+            kernel = 'BitNetMCU_conv3x3_relu_image' if reads_image else 'BitNetMCU_conv3x3_relu'
+            packed.append(PackedLayer(op, kernel, 'channels', op.weights.astype(np.int8)))
+        else:
+            packed.append(pack_fc(op, layout, skip_background=reads_image))
+    return packed
