@@ -12,6 +12,9 @@
 #if BITNETMCU_MODEL_INPUTS != 256
 #error "the test data holds 16x16 images"
 #endif
+#if BITNETMCU_TEST_MODEL_FINGERPRINT != BITNETMCU_MODEL_FINGERPRINT
+#error "BitNetMCU_MNIST_test_data.h was made for another model header: run test_inference.py to refresh it"
+#endif
 
 int main(void)
 {

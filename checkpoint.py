@@ -1,11 +1,12 @@
 """Checkpoints: ours (weights + the config they were trained with + metrics), and the original BitNetMCU's
 plain state_dicts (widths from the tensor shapes, everything else from --params/--set).
 """
+import re
 from pathlib import Path
 
 import torch
 
-from BitNetMCU import build_model, clipping_scalar, quant_layers
+from BitNetMCU import EXPORTABLE_TYPES, QUANT_TYPES, build_model, quant_layers
 from config import ConfigError, load_config, validate_config
 from intmodel import ExportError
 
@@ -20,9 +21,11 @@ def load_checkpoint(path, params=None, overrides=None):
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ExportError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
-                          "is it a PyTorch file, completely written?") from None
+    except IsADirectoryError:
+        raise ConfigError(f"checkpoint {path} is a directory; give a .pth file") from None
+    except Exception as e:   # torch's own text advises unsafe loading: not repeated here
+        raise ExportError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is not a PyTorch checkpoint, "
+                          "or it was cut short (copy it again)") from None
     overrides = overrides or {}
     if isinstance(obj, dict) and obj.get('format') == CHECKPOINT_FORMAT:
         cfg = validate_config(obj['config'])
@@ -37,10 +40,39 @@ def load_checkpoint(path, params=None, overrides=None):
         except RuntimeError as e:
             raise ExportError(f"{path}: weights do not match its config: {str(e)[:300]}") from None
         return model.eval(), cfg, obj.get('metrics')
+    if isinstance(obj, dict) and str(obj.get('format', '')).startswith('BitNetMCU-checkpoint-'):
+        raise ExportError(f"{path} is a {obj['format']} file, this BitNetMCU reads {CHECKPOINT_FORMAT}: it was "
+                          "written by another version of BitNetMCU; use that version, or update this one")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         model, cfg = _import_original(obj, path, params, overrides)
         return model.eval(), cfg, None
-    raise ExportError(f"{path} is neither a BitNetMCU checkpoint nor a state_dict of tensors")
+    raise ExportError(f"{path} is neither a BitNetMCU checkpoint nor a state_dict of tensors (the original "
+                      "BitNetMCU's format)")
+
+
+def named_in_file_name(path):
+    """What the original BitNetMCU's run names state: the QuantType (a token such as _Binary_) and the
+    widths (_width160_160_160_)."""
+    stated = {}
+    tokens = {t.lower() for t in re.split(r'[_.\-]', Path(path).stem)}
+    types = [name for name in QUANT_TYPES if name.lower() in tokens]
+    if len(types) > 1:
+        raise ExportError(f"{path}: its name states several QuantTypes {types}; pass --set QuantType=...")
+    if types:
+        stated['QuantType'] = types[0]
+    widths = re.search(r'width(\d+)_(\d+)_(\d+)', Path(path).stem)
+    if widths:
+        stated.update(zip(('network_width1', 'network_width2', 'network_width3'), map(int, widths.groups())))
+    return stated
+
+
+def original_clipping(w, qtype, quantscale, s=None):
+    """Our clipping scalar for a layer of the original BitNetMCU: its own `s`, or in the v0.2a layout (no s)
+    mean|w| / quantscale with the original's fixed quantscale for some types; FP130 scaled so that our
+    nearest-level rule reproduces the original's truncation."""
+    if s is None:
+        s = w.abs().mean() / (qtype.original_quantscale or quantscale)
+    return s * qtype.original_s_factor
 
 
 def _import_original(state, path, params, overrides):
@@ -51,16 +83,24 @@ def _import_original(state, path, params, overrides):
     if not 2 <= len(linears) <= 4 or len(weights) != len(convs) + len(linears):
         raise ExportError(f"{path}: unrecognized layout {[k for k, _ in weights]}; expected fc1, fc2, [fc3], fcl "
                           "(or model.N / classifier) weights")
-    cfg = load_config(params, overrides)
+    stated = named_in_file_name(path)
+    if 'QuantType' in overrides and 'QuantType' in stated and overrides['QuantType'] != stated['QuantType']:
+        raise ExportError(f"{path.name} names QuantType {stated['QuantType']!r}; --set says {overrides['QuantType']!r}")
+    qtype = overrides.get('QuantType') or stated.get('QuantType')
+    if qtype is None and params is None:
+        raise ExportError(f"{path}: an original BitNetMCU checkpoint does not record its QuantType, and neither "
+                          f"its name nor --set states it; pass --set QuantType=<{'|'.join(EXPORTABLE_TYPES)}>")
+    cfg = load_config(params, {**overrides, **({'QuantType': qtype} if qtype else {})})
     shape_keys = {'model': 'CNNMNIST' if convs else 'FCMNIST',
                   'network_width1': linears[0][1].shape[0], 'network_width2': linears[1][1].shape[0],
                   'network_width3': linears[2][1].shape[0] if len(linears) == 4 else 0}
     if convs:
         shape_keys['cnn_width'] = convs[0][1].shape[0]
-    clash = {k: v for k, v in shape_keys.items() if k in overrides and overrides[k] != v}
-    if clash:
-        raise ExportError(f"{path} holds " + ', '.join(f"{k}={v!r}" for k, v in clash.items())
-                          + "; --set says otherwise")
+    for source, said in (('--set', overrides), ('its file name', stated)):
+        clash = {k: v for k, v in shape_keys.items() if k in said and said[k] != v}
+        if clash:
+            raise ExportError(f"{path} holds " + ', '.join(f"{k}={v!r}" for k, v in clash.items())
+                              + f"; {source} says " + ', '.join(f"{k}={said[k]!r}" for k in clash))
     cfg.update(shape_keys)
     model = build_model(cfg, linears[-1][1].shape[0])
     layers = quant_layers(model)
@@ -72,8 +112,6 @@ def _import_original(state, path, params, overrides):
                 raise ExportError(f"{path}: {key}.weight has shape {tuple(w.shape)}, {name} needs "
                                   f"{tuple(layer.weight.shape)}")
             layer.weight.copy_(w)
-            s = state.get(key + '.s')
-            if s is None:   # v0.2 layout: s = mean|w| / quantscale
-                s = clipping_scalar(w, layer.qtype, 'prop', cfg['maxw_quantscale'], layer.per_output)
-            layer.s.copy_(s.flatten().expand_as(layer.s))
+            s = original_clipping(w, layer.qtype, cfg['maxw_quantscale'], state.get(key + '.s'))
+            layer.s.copy_(torch.as_tensor(s).flatten().expand_as(layer.s))
     return model, cfg

@@ -7,11 +7,13 @@ type or an invalid value is a ConfigError that names the key and the valid choic
 import difflib
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 import yaml
 
-from BitNetMCU import MODELS, NORM_TYPES, QUANT_TYPES, hidden_widths
+from BitNetMCU import CONV_TYPES, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES, hidden_widths
 from dataset import DATASETS
 from fileio import PROJECT_DIR
 
@@ -34,6 +36,12 @@ def _between(lo, hi):
 
 def _optional_choice(*options):
     return lambda v: None if v is None or v in options else f"must be null or one of {list(options)}"
+
+
+def _file_name_part(v):
+    """runtag names files: no path separators, no hidden or overlong names."""
+    return None if re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}', v) else \
+        "must be 1 to 64 letters, digits, '_', '-', '.' or '+', starting with a letter or digit (it names files)"
 
 
 _NUM = (int, float)
@@ -76,16 +84,27 @@ CONFIG_SCHEMA = {
     'network_width1': (int, 64, _at_least(1), 'first hidden width'),
     'network_width2': (int, 64, _at_least(1), 'second hidden width'),
     'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
-    'runtag': (str, 'default', None, 'free text prefix of the run name'),
-    'seed': (int, 0, _at_least(0), 'random seed (init, shuffling, augmentation)'),
+    'runtag': (str, 'default', _file_name_part, 'prefix of the run name (letters, digits, _ - . +)'),
+    'seed': (int, 0, _between(0, 2 ** 32 - 1), 'random seed (init, shuffling, augmentation)'),
     'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
+    'exportable': (bool, True, None, 'refuse settings the MCU engine cannot run (false: float, BatchNorm, '
+                                     '... models, for comparison only)'),
 }
+CNN_ONLY_KEYS = ('cnn_width', 'conv_QuantType')
 DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
 
 
+_NUMBER = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
+
+
 def _check_value(key, value):
+    """The value, checked (a number YAML 1.1 read as text, like 1e-3, is taken as the number)."""
     types, _, check, _ = CONFIG_SCHEMA[key]
     types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, str) and float in types and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r}: {value!r} must be a finite number")
     # bool is an int in Python; only accept it where bool is meant, and ints where floats are meant.
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
@@ -94,6 +113,7 @@ def _check_value(key, value):
     problem = check(value) if check else None
     if problem:
         raise ConfigError(f"config key {key!r}: {value!r} {problem}")
+    return value
 
 
 def _unknown_key(key):
@@ -113,18 +133,84 @@ def parse_overrides(pairs):
     return out
 
 
-def load_config(path=None, overrides=None):
-    """Read a YAML config, apply overrides, fill defaults, validate every key. Returns a plain dict."""
-    path = Path(path) if path else DEFAULT_PARAMS
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice (plain YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice (again on line {key_node.start_mark.line + 1}); "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path):
+    """A YAML mapping from a file, every way it can be unreadable named."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding='utf-8')
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(raw).__name__}")
-    return validate_config({**raw, **(overrides or {})})
+    return raw
+
+
+def load_config(path=None, overrides=None):
+    """Read a YAML config, apply overrides, fill defaults, validate every key, and refuse what the MCU
+    engine could not run (unless exportable: false). Returns a plain dict."""
+    cfg = validate_config({**read_yaml(path or DEFAULT_PARAMS), **(overrides or {})})
+    if cfg['exportable']:
+        problems = export_problems(cfg)
+        if problems:
+            raise ConfigError('; '.join(problems) + ". The MCU engine cannot run this model: change it, or set "
+                              "exportable: false to train it for comparison only")
+    return cfg
+
+
+def export_problems(cfg):
+    """What exportquant.py would refuse in a model of this config, one message per key."""
+    problems = []
+    types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if cfg['model'] == 'CNNMNIST' else [])
+    for key in types:
+        value = cfg[key]
+        if value is None:
+            continue
+        if key == 'conv_QuantType' and value not in CONV_TYPES:
+            problems.append(f"config key 'conv_QuantType': {value!r} has no int8 convolution kernel "
+                            f"(exportable: {', '.join(CONV_TYPES)})")
+        elif key != 'conv_QuantType' and value not in EXPORTABLE_TYPES:
+            problems.append(f"config key {key!r}: {value!r} has no integer form (exportable: "
+                            f"{', '.join(EXPORTABLE_TYPES)})")
+    if cfg['NormType'] not in EXPORTABLE_NORMS:
+        problems.append(f"config key 'NormType': {cfg['NormType']!r} subtracts a mean, which the MCU's ShiftNorm "
+                        f"cannot do (exportable: {', '.join(EXPORTABLE_NORMS)})")
+    if cfg['WScale'] != 'PerTensor':
+        problems.append(f"config key 'WScale': {cfg['WScale']!r} gives every row its own scale, which the integer "
+                        "engine does not have (exportable: PerTensor)")
+    return problems
+
+
+def ignored_keys(cfg):
+    """Keys set away from their default that the chosen model does not use."""
+    if cfg['model'] == 'CNNMNIST':
+        return []
+    return [key for key in CNN_ONLY_KEYS if cfg[key] != CONFIG_SCHEMA[key][1]]
 
 
 def validate_config(raw):
@@ -132,8 +218,7 @@ def validate_config(raw):
     for key, value in raw.items():
         if key not in CONFIG_SCHEMA:
             raise _unknown_key(key)
-        _check_value(key, value)
-        cfg[key] = value
+        cfg[key] = _check_value(key, value)
     for key, (_, default, _, _) in CONFIG_SCHEMA.items():
         cfg.setdefault(key, default)
     return cfg

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fileio import PROJECT_DIR, atomic_save, atomic_write
+from fileio import PROJECT_DIR, OutputError, atomic_save, atomic_write
 
 DATA_DIR = PROJECT_DIR / 'data'
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -297,7 +297,10 @@ def load_dataset(name='MNIST', data_dir=None, log=print):
         x28, y = _read_split(name, raw_dir, split)
         out[f'{split}_x28'], out[f'{split}_y'] = x28, y
         out[f'{split}_x16'] = torch.from_numpy(resize_like_pil(x28.numpy()))
-    atomic_save(out, cache_path)
+    try:
+        atomic_save(out, cache_path)
+    except OutputError as e:   # a read-only data folder: work without the cache
+        log(f"note: the resized images are not cached ({e})")
     return out
 
 

@@ -1,6 +1,7 @@
 """File output shared by every script: the project folder, atomic writes, and C arrays for generated headers."""
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -9,19 +10,84 @@ import numpy as np
 PROJECT_DIR = Path(__file__).resolve().parent
 
 
+class OutputError(ValueError):
+    """An output cannot be written safely; the message names the path, the reason and what would work."""
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(target):
+    """Temporary files of earlier writes to `target` whose process is gone (killed mid-write)."""
+    for tmp in target.parent.glob(f'.{target.name}.*.tmp'):
+        pid = tmp.name[len(target.name) + 2:].split('.')[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path, data):
-    """Write bytes or text to a temporary file beside `path`, then rename it into place: a crash or an
-    error never leaves half a file, and never clobbers the previous one."""
+    """Write bytes or text to `path` so that a crash or an error never leaves half a file: into a temporary
+    file beside it, renamed into place. A symlink is written through (its target is replaced, the link
+    stays); a device or a pipe is written plainly (never replaced by a file); a directory or a read-only
+    file is refused. A new file gets its mode from the umask, a replaced one keeps its mode."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    data = data.encode() if isinstance(data, str) else data
+    try:
+        target = path.resolve() if path.is_symlink() else path
+    except (RuntimeError, OSError) as e:
+        raise OutputError(f"cannot write {path}: the symlink cannot be followed ({e})") from None
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{path} is a directory; give the path of a file to write")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            with open(target, 'wb') as f:
+                f.write(data)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        return
+    if st is not None and not st.st_mode & 0o222:
+        raise OutputError(f"{path} is read-only (mode {stat.S_IMODE(st.st_mode):04o}); make it writable "
+                          "(chmod u+w) or write elsewhere")
+    mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask()
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.stat(parent).st_mode & 0o222:
+            raise OutputError(f"cannot write {path}: the folder {parent} is read-only; make it writable or "
+                              "write elsewhere")
+        _remove_stale_temps(target)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f'.{target.name}.{os.getpid()}.', suffix='.tmp')
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror} (in {parent})") from None
     try:
         with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
+            f.write(data)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror}") from None
         raise
 
 

@@ -54,6 +54,13 @@ def integer_weights(layer, label):
     if not qtype.exportable:
         raise ExportError(f"{label}: QuantType {qtype.name!r} ({qtype.description}) has no integer form; "
                           f"train with one of {EXPORTABLE_TYPES}")
+    bad = int((~torch.isfinite(layer.weight)).sum())
+    if bad:
+        raise ExportError(f"{label}: {bad} weights are not finite (inf or nan); the checkpoint is broken, "
+                          "retrain it (a diverged run?)")
+    if qtype.clipped and not (torch.isfinite(layer.s).all() and (layer.s > 0).all()):
+        raise ExportError(f"{label}: its clipping scalar s = {layer.s.flatten()[:4].tolist()} is not a positive "
+                          "finite number, so its weights cannot be quantized; the checkpoint is broken")
     levels = layer.weight_levels().cpu().double().numpy() * qtype.int_scale
     iw = np.rint(levels).astype(np.int64)
     if not np.array_equal(iw, levels):

@@ -25,9 +25,9 @@ from config import ConfigError
 from dataset import DataError, load_dataset
 from exportquant import DEFAULT_OUTPUT, add_model_arguments, header_layout, header_text, load_model_from_args, \
     test_set_predictions
-from fileio import PROJECT_DIR
+from fileio import PROJECT_DIR, OutputError
 from intmodel import ExportError, to_int_model
-from testdata import write_blob, write_data_header
+from testdata import StaleDataError, header_fingerprint, write_blob, write_data_header
 
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
 BUILD_DIR = PROJECT_DIR / 'build' / 'cffi'
@@ -88,7 +88,10 @@ def build_engine(model_header=None, sanitize=False, log=print):
         ffi.set_source(name, source, sources=[str(ENGINE_SOURCES[0])], include_dirs=[str(PROJECT_DIR), str(BUILD_DIR)],
                        extra_compile_args=flags, extra_link_args=flags if sanitize else [])
         start = time.time()
-        built = [Path(ffi.compile(tmpdir=str(BUILD_DIR), verbose=False))]
+        try:
+            built = [Path(ffi.compile(tmpdir=str(BUILD_DIR), verbose=False))]
+        except Exception as e:   # cffi's VerificationError, the compiler's CompileError
+            raise ExportError(f"the C engine did not compile ({type(e).__name__}: {str(e)[-300:]})") from None
         log(f"Built C engine extension {built[0].name} in {time.time() - start:.1f}s")
     spec = importlib.util.spec_from_file_location(name, built[0],
                                                   loader=importlib.machinery.ExtensionFileLoader(name, str(built[0])))
@@ -107,10 +110,10 @@ def run_c(ffi, lib, images, num_classes):
     return logits, classes
 
 
-def verify(model, int_model, header, data, log=print):
+def verify(model, int_model, header, data, log=print, dataset='the dataset'):
     """Compare C and Python on every test image. Returns a dict of accuracies, mismatches and timings."""
+    p = test_set_predictions(model, int_model, data, dataset)
     ffi, lib = build_engine(header, log=log)
-    p = test_set_predictions(model, int_model, data)
     images, y, float_pred, py_logits = p['images'], p['labels'], p['float_pred'], p['logits']
     start = time.perf_counter()
     c_logits, c_classes = run_c(ffi, lib, images, int_model.num_classes)
@@ -140,22 +143,23 @@ def main(argv=None):
         if not header.exists():
             raise ConfigError(f"{header} does not exist: run python exportquant.py first")
         text = header.read_text()
+        model_fingerprint = header_fingerprint(header)
         if text != header_text(int_model, path.name, header_layout(text, header)):
             raise ExportError(f"{header} was not exported from {path} (or is out of date); "
                               f"run python exportquant.py with the same arguments")
-        r = verify(model, int_model, header, load_dataset(cfg['dataset']))
-    except (ConfigError, ExportError, DataError) as e:
+        r = verify(model, int_model, header, load_dataset(cfg['dataset']), dataset=cfg['dataset'])
+        print(f"Test accuracy on {r['n']} images: float model {100 * r['float_acc']:.2f}%, "
+              f"Python integer {100 * r['python_acc']:.2f}%, C {100 * r['c_acc']:.2f}%")
+        print(f"C vs Python: {r['mismatches']} mismatching images (every logit compared); "
+              f"C {r['c_time']:.3f}s, Python {r['python_time']:.3f}s for {r['n']} images")
+        n = max(0, min(args.test_images, r['n']))
+        write_data_header(args.test_data, r['images'][:n], r['labels'][:n], r['predictions'][:n], model_fingerprint)
+        print(f"Wrote {args.test_data} ({n} images)")
+        write_blob(args.test_blob, r['images'], r['labels'], r['predictions'], model_fingerprint)
+        print(f"Wrote {args.test_blob} ({r['n']} images)")
+    except (ConfigError, ExportError, DataError, OutputError, StaleDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Test accuracy on {r['n']} images: float model {100 * r['float_acc']:.2f}%, "
-          f"Python integer {100 * r['python_acc']:.2f}%, C {100 * r['c_acc']:.2f}%")
-    print(f"C vs Python: {r['mismatches']} mismatching images (every logit compared); "
-          f"C {r['c_time']:.3f}s, Python {r['python_time']:.3f}s for {r['n']} images")
-    n = max(0, min(args.test_images, r['n']))
-    write_data_header(args.test_data, r['images'][:n], r['labels'][:n], r['predictions'][:n])
-    print(f"Wrote {args.test_data} ({n} images)")
-    write_blob(args.test_blob, r['images'], r['labels'], r['predictions'])
-    print(f"Wrote {args.test_blob} ({r['n']} images)")
     return 1 if r['mismatches'] else 0
 
 

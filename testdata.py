@@ -1,101 +1,178 @@
 """The test data the C programs check themselves against: MNIST test images as the MCU sees them (int8),
-their labels, and the predictions the host computed (C engine == Python reference). Written once by
-test_inference.py in two forms, both read and written only here:
+their labels, and the predictions the host computed (C engine == Python reference) for one model header.
+Written by test_inference.py in two forms, both read and written only here. Both carry the fingerprint
+of the model header they were made for; every reader refuses data made for another header, naming the
+command that refreshes it.
+
+Model header fingerprint: BITNETMCU_MODEL_FINGERPRINT in the header exportquant.py writes, the first 32
+bits of the SHA-256 of the header's text without that line. A header edited after export no longer
+matches its own fingerprint.
 
 Blob (build/BitNetMCU_MNIST_test_data.bin; the emulated firmware gets all 10,000 images loaded into RAM):
     offset  0   char     magic[4]        "BNMT"
     offset  4   uint32   version         BLOB_VERSION
     offset  8   uint32   count           number of images
     offset 12   uint32   inputs          bytes per image (BITNETMCU_MODEL_INPUTS: 256)
-    offset 16   int8     images[count][inputs]
+    offset 16   uint32   fingerprint     BITNETMCU_MODEL_FINGERPRINT of the model header
+    offset 20   int8     images[count][inputs]
                 uint8    labels[count]
                 uint8    predictions[count]
     All integers little endian. The C reader is mcu/BitNetMCUdemo.c (TESTSET_* macros); it checks the
-    magic, the version and the image size before it reads anything else.
+    magic, the version, the image size and the fingerprint before it reads anything else.
 
 Header (BitNetMCU_MNIST_test_data.h; a few images in flash for `make ctest` and the chip):
-    #define BITNETMCU_TEST_IMAGES n, and int8 arrays BitNetMCU_test_images[n * 256],
-    BitNetMCU_test_labels[n], BitNetMCU_test_predictions[n].
+    #define BITNETMCU_TEST_IMAGES n, BITNETMCU_TEST_MODEL_FINGERPRINT, and int8 arrays
+    BitNetMCU_test_images[n * 256], BitNetMCU_test_labels[n], BitNetMCU_test_predictions[n]. The C
+    programs stop at compile time (#error) when its fingerprint is not their model header's.
 """
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 
-from fileio import atomic_write, c_array
+from fileio import OutputError, atomic_write, c_array
 
 BLOB_MAGIC = b'BNMT'
-BLOB_VERSION = 1
-BLOB_HEADER_BYTES = 16
+BLOB_VERSION = 2
+BLOB_HEADER_BYTES = 20
+REFRESH = "run test_inference.py (with the arguments of the export) to refresh it"
+_FINGERPRINT_LINE = re.compile(r'^#define BITNETMCU_MODEL_FINGERPRINT 0x([0-9a-f]{8})u\n', re.M)
+_DATA_FINGERPRINT = re.compile(r'^#define BITNETMCU_TEST_MODEL_FINGERPRINT 0x([0-9a-f]{8})u$', re.M)
 
 
-class BlobError(ValueError):
-    """A test-data blob is missing, of another format or cut short; the message says how to remake it."""
+class StaleDataError(ValueError):
+    """Test data or a model header is missing, of another format, cut short, edited, or made for another
+    model; the message says which and the command that remakes it."""
 
 
-def blob_bytes(images, labels, predictions):
+def fingerprint(text):
+    """The fingerprint of a model header's text (its own BITNETMCU_MODEL_FINGERPRINT line left out)."""
+    return int(hashlib.sha256(_FINGERPRINT_LINE.sub('', text).encode()).hexdigest()[:8], 16)
+
+
+def fingerprint_line(text):
+    return f"#define BITNETMCU_MODEL_FINGERPRINT 0x{fingerprint(text):08x}u\n"
+
+
+def header_fingerprint(path):
+    """The fingerprint a model header states, checked against its text."""
+    path = Path(path)
+    if not path.exists():
+        raise StaleDataError(f"{path} is missing: run exportquant.py first")
+    text = path.read_text()
+    match = _FINGERPRINT_LINE.search(text)
+    if match is None:
+        raise StaleDataError(f"{path} has no BITNETMCU_MODEL_FINGERPRINT: it was written by an older "
+                             "exportquant.py; export it again")
+    if int(match.group(1), 16) != fingerprint(text):
+        raise StaleDataError(f"{path} was edited after export (its text no longer matches its fingerprint); "
+                             "export it again with exportquant.py")
+    return int(match.group(1), 16)
+
+
+def check_matches(model_header, data_fingerprint, data_path):
+    """Refuse test data made for another model header than `model_header`."""
+    if data_fingerprint != header_fingerprint(model_header):
+        raise StaleDataError(f"{data_path} was made for another model header than {model_header} (fingerprint "
+                             f"0x{data_fingerprint:08x}, the header's is 0x{header_fingerprint(model_header):08x}); "
+                             + REFRESH)
+
+
+def blob_bytes(images, labels, predictions, model_fingerprint):
     images = np.ascontiguousarray(images, dtype=np.int8)
     count, inputs = images.shape
-    fields = np.array([BLOB_VERSION, count, inputs], dtype='<u4').tobytes()
+    fields = np.array([BLOB_VERSION, count, inputs, model_fingerprint], dtype='<u4').tobytes()
     return (BLOB_MAGIC + fields + images.tobytes() + np.asarray(labels, np.uint8).tobytes()
             + np.asarray(predictions, np.uint8).tobytes())
 
 
-def write_blob(path, images, labels, predictions):
-    atomic_write(path, blob_bytes(images, labels, predictions))
+def write_blob(path, images, labels, predictions, model_fingerprint):
+    atomic_write(path, blob_bytes(images, labels, predictions, model_fingerprint))
 
 
-def read_blob(path, limit=None):
-    """-> dict(images (count, inputs) int8, labels, predictions), the first `limit` images when given."""
+def read_blob(path, limit=None, model_header=None):
+    """-> dict(images (count, inputs) int8, labels, predictions, model_fingerprint), the first `limit` images
+    when given; with model_header, data made for another header is refused."""
     path = Path(path)
-    remake = "run test_inference.py to write it"
     if not path.exists():
-        raise BlobError(f"{path} is missing: {remake}")
+        raise StaleDataError(f"{path} is missing: run test_inference.py to write it")
     data = path.read_bytes()
     if data[:4] != BLOB_MAGIC or len(data) < BLOB_HEADER_BYTES:
-        raise BlobError(f"{path} is not a BitNetMCU test-data blob: {remake}")
-    version, count, inputs = np.frombuffer(data, '<u4', 3, 4).tolist()
+        raise StaleDataError(f"{path} is not a BitNetMCU test-data blob: " + REFRESH)
+    version = int(np.frombuffer(data, '<u4', 1, 4)[0])
     if version != BLOB_VERSION:
-        raise BlobError(f"{path} has format version {version}, this code reads {BLOB_VERSION}: {remake}")
+        raise StaleDataError(f"{path} has format version {version}, this code reads {BLOB_VERSION}: " + REFRESH)
+    count, inputs, model_fingerprint = np.frombuffer(data, '<u4', 3, 8).tolist()
     if len(data) != BLOB_HEADER_BYTES + count * (inputs + 2):
-        raise BlobError(f"{path} holds {len(data)} bytes, {count} images of {inputs} need "
-                        f"{BLOB_HEADER_BYTES + count * (inputs + 2)}: {remake}")
+        raise StaleDataError(f"{path} holds {len(data)} bytes, {count} images of {inputs} need "
+                             f"{BLOB_HEADER_BYTES + count * (inputs + 2)} (cut short?): " + REFRESH)
+    if model_header is not None:
+        check_matches(model_header, model_fingerprint, path)
     n = count if limit is None else min(limit, count)
     images_end = BLOB_HEADER_BYTES + count * inputs
     return {'images': np.frombuffer(data, np.int8, n * inputs, BLOB_HEADER_BYTES).reshape(n, inputs),
             'labels': np.frombuffer(data, np.uint8, n, images_end),
-            'predictions': np.frombuffer(data, np.uint8, n, images_end + count)}
+            'predictions': np.frombuffer(data, np.uint8, n, images_end + count), 'model_fingerprint': model_fingerprint}
 
 
-def data_header_text(images, labels, predictions):
+def data_header_text(images, labels, predictions, model_fingerprint):
     """BitNetMCU_MNIST_test_data.h for these images."""
     return ("/* BitNetMCU_MNIST_test_data.h: generated by test_inference.py. Do not edit.\n"
             " * MNIST test images encoded as the MCU sees them, their labels, and the expected predictions. */\n"
             "#ifndef BITNETMCU_MNIST_TEST_DATA_H\n#define BITNETMCU_MNIST_TEST_DATA_H\n\n#include <stdint.h>\n\n"
-            f"#define BITNETMCU_TEST_IMAGES {len(images)}\n\n"
+            f"#define BITNETMCU_TEST_IMAGES {len(images)}\n"
+            f"#define BITNETMCU_TEST_MODEL_FINGERPRINT 0x{model_fingerprint:08x}u   /* of the model header */\n\n"
             + c_array('BitNetMCU_test_images', np.asarray(images, dtype=np.int8))
             + c_array('BitNetMCU_test_labels', np.asarray(labels, dtype=np.int8))
             + c_array('BitNetMCU_test_predictions', np.asarray(predictions, dtype=np.int8))
             + "\n#endif\n")
 
 
-def write_data_header(path, images, labels, predictions):
-    atomic_write(path, data_header_text(images, labels, predictions))
+def write_data_header(path, images, labels, predictions, model_fingerprint):
+    atomic_write(path, data_header_text(images, labels, predictions, model_fingerprint))
 
 
-def blob_to_header(blob_path, n, header_path):
-    """The first n images of a blob as a test-data header (the firmware's images in flash)."""
-    write_data_header(header_path, **read_blob(blob_path, limit=n))
+def data_header_fingerprint(path):
+    path = Path(path)
+    if not path.exists():
+        raise StaleDataError(f"{path} is missing: run test_inference.py to write it")
+    match = _DATA_FINGERPRINT.search(path.read_text())
+    if match is None:
+        raise StaleDataError(f"{path} names no model header (BITNETMCU_TEST_MODEL_FINGERPRINT): it was written by "
+                             "an older test_inference.py; " + REFRESH)
+    return int(match.group(1), 16)
 
 
-if __name__ == '__main__':   # mcu/Makefile: the firmware's flash images
+def main(argv=None):
+    """The command line mcu/Makefile and the top-level Makefile use."""
     import argparse
     import sys
-    parser = argparse.ArgumentParser(description='Write the first N images of a test-data blob as a test-data header.')
-    parser.add_argument('blob')
-    parser.add_argument('n', type=int)
-    parser.add_argument('header')
-    args = parser.parse_args()
+    parser = argparse.ArgumentParser(description='Test data for the C programs: check it belongs to a model '
+                                                 'header, or cut a header of N images from a blob.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    check = sub.add_parser('check', help='refuse test data (blob or header) made for another model header')
+    check.add_argument('model_header')
+    check.add_argument('data', help='a test-data blob (.bin) or header (.h)')
+    cut = sub.add_parser('header', help='the first N images of a blob as a test-data header (the flash images)')
+    cut.add_argument('blob')
+    cut.add_argument('n', type=int)
+    cut.add_argument('output')
+    cut.add_argument('--model-header', required=True, help='the model header the blob must belong to')
+    args = parser.parse_args(argv)
     try:
-        blob_to_header(args.blob, args.n, args.header)
-    except BlobError as e:
-        sys.exit(f"error: {e}")
+        if args.command == 'check':
+            if str(args.data).endswith('.h'):
+                check_matches(args.model_header, data_header_fingerprint(args.data), args.data)
+            else:
+                read_blob(args.data, limit=0, model_header=args.model_header)
+        else:
+            write_data_header(args.output, **read_blob(args.blob, limit=args.n, model_header=args.model_header))
+    except (StaleDataError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from BitNetMCU import build_model, code_entropy_bits, quant_layers
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from config import ConfigError, describe_config, load_config, parse_overrides, run_name
+from config import ConfigError, describe_config, ignored_keys, load_config, parse_overrides, run_name
 from dataset import DataError, augment, load_dataset, normalize
-from fileio import PROJECT_DIR, atomic_save, atomic_write
+from fileio import PROJECT_DIR, OutputError, atomic_save, atomic_write
 from intmodel import ExportError
 
 MODEL_DIR = PROJECT_DIR / 'modeldata'
@@ -37,6 +37,14 @@ try:
     from tqdm import tqdm
 except ImportError:  # progress bars are a nicety, not a requirement
     tqdm = None
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock against two trainings of one run
+    fcntl = None
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being a finite number; the message says where and what usually cures it."""
 
 
 def pick_device(cfg):
@@ -173,6 +181,8 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
         loss = loss_fn(out, yb, cfg, teacher_out)
         if damped:
             loss = loss + dampening * sum(layer.oscillation_penalty() for layer in damped)
+        if not math.isfinite(loss.item()):   # stop before the weights become NaN too
+            raise Diverged(f"the loss is {loss.item()} at batch {i // batch_size + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -248,6 +258,7 @@ class Run:
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    lock: object
     teacher: Optional[nn.Module]
     average: Optional[WeightAverage]
     run_dir: Path
@@ -282,7 +293,7 @@ def start_run(cfg, resume, restart, num_classes, log):
     init_weights(model, cfg)
     model = model.to(device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
-    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
+    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']), lock_run(RUNS_DIR / name),
               load_teacher(cfg, device), average, RUNS_DIR / name, MODEL_DIR / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
         if not resume:
@@ -304,8 +315,22 @@ def start_run(cfg, resume, restart, num_classes, log):
         raise ConfigError(f"nothing to resume: {run.checkpoint_path} does not exist{done}; run without --resume")
     elif run.model_path.exists():
         log(f"Note: {run.model_path} exists for this exact config and will be replaced")
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def lock_run(run_dir):
+    """An exclusive lock on the run folder while this process trains it: two trainings of one config would
+    race on its files. Released when the process ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / 'lock', 'w')
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"another process is training this config now ({run_dir}); wait for it to finish, "
+                              "or stop it first") from None
+    return handle
 
 
 def run_epoch(run, data, epoch):
@@ -372,9 +397,17 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     writer = _tensorboard(run.run_dir / 'tensorboard', run.epochs_done)
     try:
         for epoch in range(run.epochs_done, cfg['num_epochs']):
-            record_epoch(run, run_epoch(run, data, epoch), writer, log)
+            try:
+                metrics = run_epoch(run, data, epoch)
+            except Diverged as e:
+                kept = (f"the {run.epochs_done} epoch(s) before it are kept in {run.checkpoint_path}"
+                        if run.epochs_done else "nothing was saved")
+                raise Diverged(f"training diverged: {e} of epoch {epoch + 1} (learning rate {lr_at(cfg, epoch):.3g}); "
+                               f"a smaller learning_rate usually cures it. {kept}; no model was written") from None
+            record_epoch(run, metrics, writer, log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
+        return save_model(run, data['num_classes'], log)
     except KeyboardInterrupt:
         log(f"\nInterrupted. {run.epochs_done} epoch(s) are saved in {run.checkpoint_path}; continue with the "
             f"same arguments plus --resume.")
@@ -382,7 +415,7 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     finally:
         if writer is not None:
             writer.close()
-    return save_model(run, data['num_classes'], log)
+        run.lock.close()
 
 
 def main(argv=None):
@@ -399,14 +432,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.params, parse_overrides(args.set))
+        ignored = ignored_keys(cfg)
+        if ignored:
+            print(f"note: {', '.join(f'{k}={cfg[k]!r}' for k in ignored)} only apply to CNNMNIST; "
+                  f"{cfg['model']} ignores them")
         done = MODEL_DIR / f'{run_name(cfg)}.pth'
         if args.skip_existing and done.exists():
             print(f"{done} is already trained for this config; skipping (delete it to retrain)")
             return 0
         train(cfg, resume=args.resume, restart=args.restart)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

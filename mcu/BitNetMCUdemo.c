@@ -5,8 +5,9 @@
  *
  * Test images come from BitNetMCU_MNIST_test_data.h (a few, in flash) or, on the emulator, from the
  * test-data blob QEMU loads into RAM at BITNETMCU_TESTSET_ADDR (all 10,000). Both are written by
- * testdata.py, which documents the blob: "BNMT", uint32 version, count, inputs (bytes per image), then
- * int8 images[count][inputs], uint8 labels[count], uint8 predictions[count].
+ * testdata.py, which documents the blob: "BNMT", uint32 version, count, inputs (bytes per image), model
+ * header fingerprint, then int8 images[count][inputs], uint8 labels[count], uint8 predictions[count].
+ * Test data made for another model header is refused: at compile time (header) or at start (blob).
  */
 #include <stdint.h>
 
@@ -16,15 +17,18 @@
 #ifdef BITNETMCU_TESTSET_ADDR
 #define TESTSET ((const uint32_t *)BITNETMCU_TESTSET_ADDR)
 #define TESTSET_MAGIC 0x544D4E42u   /* "BNMT", little endian */
-#define TESTSET_VERSION 1u          /* testdata.BLOB_VERSION */
+#define TESTSET_VERSION 2u          /* testdata.BLOB_VERSION */
 #define TESTSET_IS_VALID (TESTSET[0] == TESTSET_MAGIC && TESTSET[1] == TESTSET_VERSION && \
-                          TESTSET[3] == BITNETMCU_MODEL_INPUTS)
+                          TESTSET[3] == BITNETMCU_MODEL_INPUTS && TESTSET[4] == BITNETMCU_MODEL_FINGERPRINT)
 #define TEST_COUNT (TESTSET[2])
-#define TEST_IMAGES ((const int8_t *)(TESTSET + 4))
+#define TEST_IMAGES ((const int8_t *)(TESTSET + 5))
 #define TEST_LABELS ((const uint8_t *)(TEST_IMAGES + (uint32_t)TEST_COUNT * BITNETMCU_MODEL_INPUTS))
 #define TEST_PREDICTIONS (TEST_LABELS + TEST_COUNT)
 #else
 #include "BitNetMCU_MNIST_test_data.h"
+#if BITNETMCU_TEST_MODEL_FINGERPRINT != BITNETMCU_MODEL_FINGERPRINT
+#error "BitNetMCU_MNIST_test_data.h was made for another model header: run test_inference.py to refresh it"
+#endif
 #define TESTSET_IS_VALID 1
 #define TEST_COUNT ((uint32_t)BITNETMCU_TEST_IMAGES)
 #define TEST_IMAGES (BitNetMCU_test_images)
@@ -101,8 +105,8 @@ int main(void)
 {
     platform_init();
     if (!TESTSET_IS_VALID) {
-        print("error: the test data is not a version-1 BitNetMCU blob of this model's image size; "
-              "run test_inference.py\n");
+        print("error: the test data is not a version-2 BitNetMCU blob made for this model header; "
+              "run test_inference.py to refresh it\n");
         return 2;
     }
     int32_t logits[BITNETMCU_MODEL_CLASSES];

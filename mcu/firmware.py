@@ -17,7 +17,7 @@ from pathlib import Path
 
 MCU_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(MCU_DIR.parent))
-from testdata import BlobError, read_blob, write_blob  # noqa: E402
+from testdata import StaleDataError, header_fingerprint, read_blob, write_blob  # noqa: E402
 
 CROSS = 'riscv64-unknown-elf-'
 TESTSET_ADDR = 0x80400000
@@ -33,9 +33,10 @@ class FirmwareError(RuntimeError):
     pass
 
 
-def run_qemu(elf, blob, target, timeout=600):
-    """Run the emulator build on the images of blob; returns the parsed report (dict)."""
-    read_blob(blob, limit=0)   # a missing, foreign or truncated blob is named here, not by the firmware
+def run_qemu(elf, blob, target, timeout=600, model_header=None):
+    """Run the emulator build on the images of blob; returns the parsed report (dict). A missing, foreign or
+    truncated blob, or one made for another model header than model_header, is named here."""
+    read_blob(blob, limit=0, model_header=model_header)
     cmd = ['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS[target][2], '-icount', 'shift=0',
            '-nographic', '-kernel', str(elf), '-device', f'loader,file={blob},addr={TESTSET_ADDR:#x},force-raw=on']
     try:
@@ -67,6 +68,17 @@ def peak_stack(sim_elf, blob, target, timeout=600):
         return run_qemu(sim_elf, three, target, timeout)['stack']
 
 
+def fit_problem(target, flash, ram, stack):
+    """None when the image fits the chip, else what is over and by how much."""
+    flash_max, ram_max, _ = CHIPS[target]
+    over = []
+    if flash > flash_max:
+        over.append(f"flash {flash - flash_max} bytes over its {flash_max}")
+    if ram + stack > ram_max:
+        over.append(f"RAM (static + stack) {ram + stack - ram_max} bytes over its {ram_max}")
+    return '; '.join(over) or None
+
+
 def multiply_uses(elf):
     """mul/div/rem instructions and calls into libgcc's multiply/divide helpers in an ELF."""
     dump = subprocess.run([CROSS + 'objdump', '-d', str(elf)], capture_output=True, text=True, check=True).stdout
@@ -89,7 +101,7 @@ def measure_firmware(header, blob, target, build):
     out = make(target, header, blob, build, str(Path(build) / 'sim.elf'))
     if out.returncode:
         raise FirmwareError(f"firmware build for {target} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-    sim = run_qemu(Path(build) / 'sim.elf', blob, target)
+    sim = run_qemu(Path(build) / 'sim.elf', blob, target, model_header=header)
     links = make(target, header, blob, build, str(Path(build) / 'flash.elf')).returncode == 0
     flash, ram = section_sizes(Path(build) / 'flash.elf') if links else (None, None)
     return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and ram + sim['stack'] <= CHIPS[target][1],
@@ -118,7 +130,7 @@ def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CH
     r = test_inference.verify(model, int_model, header, data, log=lambda *a: None)
     if r['mismatches']:
         raise FirmwareError(f"{checkpoint}: C and Python disagree on {r['mismatches']} images")
-    write_blob(blob, r['images'], r['labels'], r['predictions'])
+    write_blob(blob, r['images'], r['labels'], r['predictions'], header_fingerprint(header))
     row = {'verify': r, 'int_model': int_model, 'packed': pack_model(int_model, layout)}
     for target in targets:
         row[target] = measure_firmware(header, blob, target, work / target)
@@ -133,26 +145,32 @@ def main(argv=None):
     parser.add_argument('--elf', required=True, help='firmware ELF (emulator build for sim, chip build otherwise)')
     parser.add_argument('--sim-elf', help='size: the emulator build, run once to measure the stack')
     parser.add_argument('--blob', help='test-data blob written by test_inference.py')
+    parser.add_argument('--header', help='the model header the firmware was built with (the blob must belong to it)')
+    parser.add_argument('--probe-elf', help='sim: the chip build linked without limits; a note when it does not fit')
     parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
     parser.add_argument('--timeout', type=int, default=600)
     args = parser.parse_args(argv)
     try:
         if args.command == 'sim':
-            r = run_qemu(args.elf, args.blob, args.target, args.timeout)
+            r = run_qemu(args.elf, args.blob, args.target, args.timeout, args.header)
             print(f"{args.target} (emulated, {Path(args.elf).name}): {r['images']} images, "
                   f"accuracy {100 * r['correct'] / r['images']:.2f}%, {r['mismatches']} mismatches against the host")
             print(f"instructions per inference: mean {r['mean']:.0f}, min {r['min']}, max {r['max']}; "
                   f"peak stack {r['stack']} bytes")
+            if args.probe_elf:
+                problem = fit_problem(args.target, *section_sizes(args.probe_elf), r['stack'])
+                if problem:
+                    print(f"note: this model does not fit the {args.target}: {problem} (make size)")
             if r['mismatches'] or r['status'] != 0:
                 return 1
         elif args.command == 'size':
             flash_max, ram_max, _ = CHIPS[args.target]
             flash, ram = section_sizes(args.elf)
             stack = peak_stack(args.sim_elf, args.blob, args.target, args.timeout)
-            fits = flash <= flash_max and ram + stack <= ram_max
+            problem = fit_problem(args.target, flash, ram, stack)
             print(f"{args.target}: flash {flash} of {flash_max} bytes, RAM {ram} static + {stack} peak stack "
-                  f"= {ram + stack} of {ram_max} bytes: {'fits' if fits else 'DOES NOT FIT'}")
-            if not fits:
+                  f"= {ram + stack} of {ram_max} bytes: " + (f"DOES NOT FIT: {problem}" if problem else 'fits'))
+            if problem:
                 return 1
         else:
             uses = multiply_uses(args.elf)
@@ -160,7 +178,7 @@ def main(argv=None):
                 print(f"{args.elf}: {len(uses)} multiply/divide uses:\n  " + '\n  '.join(uses[:20]))
                 return 1
             print(f"{args.elf}: no mul/div instruction, no libgcc multiply or divide")
-    except (FirmwareError, BlobError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
+    except (FirmwareError, StaleDataError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """Export and verification: every exportable type, FC and CNN, through header, C compilers and cffi,
 with 0 mismatches against the Python reference on all 10,000 test images; original checkpoints."""
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import test_inference
 import training
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from checkpoint import load_checkpoint
-from config import load_config
+from config import ConfigError, load_config
 from conftest import ROOT, original_checkpoint
 from dataset import normalize
 from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
-from testdata import data_header_text, read_blob
+from testdata import data_header_text, fingerprint_line, header_fingerprint, read_blob
 
 STRICT = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O1']
 
@@ -30,7 +31,8 @@ def short_training(data, run_dirs, **overrides):
 
 def compile_host_program(tmp_path, header, images, labels, predictions, compiler):
     (tmp_path / 'BitNetMCU_model.h').write_text(Path(header).read_text())
-    (tmp_path / 'BitNetMCU_MNIST_test_data.h').write_text(data_header_text(images, labels, predictions))
+    (tmp_path / 'BitNetMCU_MNIST_test_data.h').write_text(
+        data_header_text(images, labels, predictions, header_fingerprint(header)))
     # The program sits beside the headers: a quoted #include looks in the including file's folder first.
     (tmp_path / 'BitNetMCU_MNIST_test.c').write_text((ROOT / 'BitNetMCU_MNIST_test.c').read_text())
     exe = tmp_path / f'test_{compiler}'
@@ -94,8 +96,8 @@ def test_newest_original_layout_imports(small_mnist, run_dirs):
     renamed = {}
     for old, new in zip(['layers.0', 'layers.2', 'layers.4', 'layers.6'], ['model.1', 'model.3', 'model.fc3', 'classifier']):
         renamed[f'{new}.weight'], renamed[f'{new}.s'] = state[f'{old}.weight'], state[f'{old}.s']
-    torch.save(renamed, run_dirs / 'newest.pth')
-    imported, cfg, _ = load_checkpoint(run_dirs / 'newest.pth')
+    torch.save(renamed, run_dirs / 'newest_4bitsym.pth')   # the type as the original's file names state it
+    imported, cfg, _ = load_checkpoint(run_dirs / 'newest_4bitsym.pth')
     assert (cfg['network_width1'], cfg['network_width2'], cfg['network_width3']) == (32, 24, 16)
     images = encode_input(normalize(small_mnist['test_x16']))
     assert np.array_equal(reference_logits(to_int_model(imported), images), reference_logits(to_int_model(ours), images))
@@ -127,14 +129,20 @@ def test_bad_inputs_are_clear_errors_and_leave_no_header(small_mnist, run_dirs, 
     assert not list(tmp_path.glob('*.tmp'))
 
 
-def test_unexportable_models_say_why(small_mnist, run_dirs):
-    for overrides, message in [(dict(QuantType='None'), r"'None' \(float weights.*has no integer form"),
-                               (dict(NormType='LayerNorm'), 'NormType LayerNorm'),
-                               (dict(WScale='PerOutput'), 'WScale PerOutput'),
-                               (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'), 'int8 conv kernel')]:
-        model, _, _ = load_checkpoint(short_training(small_mnist, run_dirs, **overrides))
-        with pytest.raises(ExportError, match=message):
-            to_int_model(model)
+@pytest.mark.parametrize('overrides,at_load,at_export', [
+    (dict(QuantType='None'), r"'QuantType': 'None' has no integer form \(exportable: Binary, Ternary",
+     r"'None' \(float weights.*has no integer form"),
+    (dict(NormType='LayerNorm'), r"'NormType': 'LayerNorm' subtracts a mean.*\(exportable: RMS, Lin\)", 'NormType LayerNorm'),
+    (dict(WScale='PerOutput'), r"'WScale': 'PerOutput'.*\(exportable: PerTensor\)", 'WScale PerOutput'),
+    (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'), r"'conv_QuantType': 'FP130' has no int8 conv",
+     'int8 conv kernel')])
+def test_unexportable_models_are_refused_when_the_config_is_loaded(small_mnist, run_dirs, overrides, at_load, at_export):
+    with pytest.raises(ConfigError, match=at_load + '.*set exportable: false'):
+        short_training(small_mnist, run_dirs, **overrides)
+    # For comparison they train with exportable: false; export still says why it cannot.
+    model, _, _ = load_checkpoint(short_training(small_mnist, run_dirs, exportable=False, **overrides))
+    with pytest.raises(ExportError, match=at_export):
+        to_int_model(model)
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
@@ -151,10 +159,18 @@ def test_test_inference_cli_checks_the_header_is_current(small_mnist, run_dirs, 
     assert '0 mismatching images' in out and '#define BITNETMCU_TEST_IMAGES 50' in data.read_text()
     assert read_blob(blob)['images'].shape == (1000, 256)   # every image of small_mnist
     text = header.read_text()
-    header.write_text(text.replace('0x', '0X', 1))
+    digit = text.index('0x', text.index('BitNetMCU_layer0_weights')) + 2
+    header.write_text(text[:digit] + ('1' if text[digit] != '1' else '2') + text[digit + 1:])   # a weight edited
+    assert test_inference.main(args) == 2
+    assert 'was edited after export' in capsys.readouterr().err
+    other = path.with_name('other.pth')                      # a valid header of another checkpoint
+    other.write_bytes(path.read_bytes())
+    assert exportquant.main(['--checkpoint', str(other), '--output', str(header), '--no-eval', '--layout', layout]) == 0
     assert test_inference.main(args) == 2
     assert 'out of date' in capsys.readouterr().err
-    header.write_text(text.replace('#define BITNETMCU_MODEL_LAYOUT', '#define OTHER'))
+    text = header.read_text()
+    unnamed = text.replace('#define BITNETMCU_MODEL_LAYOUT', '#define OTHER')   # self-consistent, no layout
+    header.write_text(re.sub(r'#define BITNETMCU_MODEL_FINGERPRINT 0x\w{8}u\n', fingerprint_line(unnamed), unnamed))
     assert test_inference.main(args) == 2
     assert 'names no weight layout' in capsys.readouterr().err
 

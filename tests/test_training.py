@@ -18,7 +18,7 @@ def config(**overrides):
 @pytest.mark.parametrize('qtype', list(QUANT_TYPES))
 @pytest.mark.parametrize('model', ['FCMNIST', 'CNNMNIST'])
 def test_every_model_and_type_runs_forward_and_backward(model, qtype):
-    cfg = config(model=model, QuantType=qtype, cnn_width=4, network_width3=8)
+    cfg = config(model=model, QuantType=qtype, cnn_width=4, network_width3=8, exportable=False)
     net = build_model(cfg, 10)
     out = net(torch.randn(5, 1, 16, 16))
     assert out.shape == (5, 10)
@@ -33,7 +33,7 @@ def test_every_model_and_type_runs_forward_and_backward(model, qtype):
 
 @pytest.mark.parametrize('norm', ['RMS', 'Lin', 'BatchNorm', 'LayerNorm'])
 def test_every_norm_type(norm):
-    net = build_model(config(NormType=norm), 10)
+    net = build_model(config(NormType=norm, exportable=False), 10)
     assert net(torch.randn(4, 256)).shape == (4, 10)
 
 
@@ -156,7 +156,7 @@ def test_oscillation_penalty_measures_distance_to_the_levels_in_steps(qtype):
 
 
 def test_oscillation_penalty_is_zero_for_float_weights():
-    layer = build_model(config(QuantType='None'), 10).layers[0]
+    layer = build_model(config(QuantType='None', exportable=False), 10).layers[0]
     assert float(layer.oscillation_penalty().detach()) == 0.0
 
 
@@ -186,7 +186,7 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(small_mnist, run_dirs)
     with pytest.raises(ConfigError, match='nothing to resume'):
         training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None)
     ckpt = run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt'
-    ckpt.parent.mkdir(parents=True)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_bytes(b'garbage')
     with pytest.raises(ConfigError, match='cannot be resumed.*--restart'):
         training.train(cfg, resume=True, data=small_mnist, log=lambda *a: None)
