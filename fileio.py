@@ -69,11 +69,12 @@ def atomic_write(path, data):
                           "(chmod u+w) or write elsewhere")
     mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask()
     parent = target.parent
+    existing = next(folder for folder in [parent, *parent.parents] if folder.exists())
+    if not os.stat(existing).st_mode & 0o222:   # by its mode, which even root does not override here
+        raise OutputError(f"cannot write {path}: the folder {existing} is read-only; make it writable or "
+                          "write elsewhere")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        if not os.stat(parent).st_mode & 0o222:
-            raise OutputError(f"cannot write {path}: the folder {parent} is read-only; make it writable or "
-                              "write elsewhere")
         _remove_stale_temps(target)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f'.{target.name}.{os.getpid()}.', suffix='.tmp')
     except OSError as e:

@@ -38,7 +38,7 @@ BLOB_VERSION = 2
 BLOB_HEADER_BYTES = 20
 REFRESH = "run test_inference.py (with the arguments of the export) to refresh it"
 _FINGERPRINT_LINE = re.compile(r'^#define BITNETMCU_MODEL_FINGERPRINT 0x([0-9a-f]{8})u\n', re.M)
-_DATA_FINGERPRINT = re.compile(r'^#define BITNETMCU_TEST_MODEL_FINGERPRINT 0x([0-9a-f]{8})u$', re.M)
+_DATA_FINGERPRINT = re.compile(r'^#define BITNETMCU_TEST_MODEL_FINGERPRINT 0x([0-9a-f]{8})u\b', re.M)
 
 
 class StaleDataError(ValueError):

@@ -185,7 +185,10 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
             raise Diverged(f"the loss is {loss.item()} at batch {i // batch_size + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as e:   # Adam's step no longer fits float32
+            raise Diverged(f"the weights overflow ({e}) at batch {i // batch_size + 1}") from None
         if average is not None:
             average.update(model)
         loss_sum += loss.detach() * len(yb)

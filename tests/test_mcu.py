@@ -75,20 +75,23 @@ def test_wide_cnn_does_not_fit_ch32v003_but_fits_ch32v002(small_mnist, mnist, ru
     assert big.returncode == 0 and ': fits' in big.stdout, big.stdout[-3000:] + big.stderr[-3000:]
 
 
-def test_blob_of_another_format_is_refused_by_the_firmware_itself(mnist, tmp_path):
+@pytest.mark.parametrize('offset,what', [(4, 'format version'), (16, 'model header fingerprint')])
+def test_blob_of_another_format_or_header_is_refused_by_the_firmware_itself(mnist, tmp_path, offset, what):
     header, blob, _ = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
     assert make(tmp_path, 'CH32V003', header, blob, str(tmp_path / 'CH32V003' / 'sim.elf')).returncode == 0
     data = bytearray(blob.read_bytes())
-    data[4] = 9                                      # a format version the firmware does not read
+    data[offset] ^= 0x0C                             # another version, or data made for another header
     blob.write_bytes(bytes(data))
     run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', firmware.CHIPS['CH32V003'][2],
                           '-nographic', '-kernel', str(tmp_path / 'CH32V003' / 'sim.elf'), '-device',
                           f'loader,file={blob},addr={firmware.TESTSET_ADDR:#x},force-raw=on'],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0 and 'not a version-1 BitNetMCU blob' in run.stdout
+    assert run.returncode != 0, what
+    assert 'not a version-2 BitNetMCU blob made for this model header; run test_inference.py' in run.stdout
     out = subprocess.run([sys.executable, str(MCU / 'firmware.py'), 'sim', '--elf', str(tmp_path / 'CH32V003' / 'sim.elf'),
-                          '--blob', str(blob)], capture_output=True, text=True)
-    assert out.returncode == 2 and 'format version 9' in out.stderr and 'run test_inference.py' in out.stderr
+                          '--blob', str(blob), '--header', str(header)], capture_output=True, text=True)
+    assert out.returncode == 2 and 'run test_inference.py' in out.stderr
+    assert ('format version' if offset == 4 else 'was made for another model header') in out.stderr
 
 
 def test_missing_header_is_a_clear_error(tmp_path):

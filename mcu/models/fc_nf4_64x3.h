@@ -7,6 +7,7 @@
 #include "BitNetMCU_inference.h"
 
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
+#define BITNETMCU_MODEL_FINGERPRINT 0x6fd06c09u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
