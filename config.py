@@ -113,7 +113,8 @@ def _check_value(key, value):
         raise ConfigError(f"config key {key!r}: {value!r} is a {type(value).__name__}, expected {names}")
     problem = check(value) if check else None
     if problem:
-        raise ConfigError(f"config key {key!r}: {value!r} {problem}")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:40] + f"...' ({len(value)} characters)"
+        raise ConfigError(f"config key {key!r}: {shown} {problem}")
     return value
 
 

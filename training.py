@@ -437,8 +437,9 @@ def main(argv=None):
         cfg = load_config(args.params, parse_overrides(args.set))
         ignored = ignored_keys(cfg)
         if ignored:
-            print(f"note: {', '.join(f'{k}={cfg[k]!r}' for k in ignored)} only apply to CNNMNIST; "
-                  f"{cfg['model']} ignores them")
+            one = len(ignored) == 1
+            print(f"note: {', '.join(f'{k}={cfg[k]!r}' for k in ignored)} only affect{'s' if one else ''} "
+                  f"CNNMNIST models; {cfg['model']} ignores {'it' if one else 'them'}")
         done = MODEL_DIR / f'{run_name(cfg)}.pth'
         if args.skip_existing and done.exists():
             print(f"{done} is already trained for this config; skipping (delete it to retrain)")

@@ -369,7 +369,7 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
     ('seed=9223372036854775808', "'seed': 9223372036854775808 must be between 0 and 4294967295"),
     ('runtag=../../etc', "'runtag': '../../etc' must be 1 to 64 letters"),
     ('runtag=a/b', "'runtag': 'a/b' must be 1 to 64 letters"),
-    ('runtag=' + 'x' * 300, 'must be 1 to 64 letters')])
+    ('runtag=' + 'x' * 300, "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...' (300 characters) must be 1 to 64 letters")])
 def test_seed_and_runtag_bounds(run_dirs, capsys, setting, fragment):
     assert training.main(['--set', setting]) == 2
     one_line_error(capsys, fragment)
@@ -378,7 +378,7 @@ def test_seed_and_runtag_bounds(run_dirs, capsys, setting, fragment):
 
 def test_keys_of_the_other_model_are_named(run_dirs, capsys):
     assert training.main(['--set', 'cnn_width=48', '--set', 'conv_QuantType=4bit', '--resume']) == 2
-    assert "note: cnn_width=48, conv_QuantType='4bit' only apply to CNNMNIST; FCMNIST ignores them" in \
+    assert "note: cnn_width=48, conv_QuantType='4bit' only affect CNNMNIST models; FCMNIST ignores them" in \
         capsys.readouterr().out
 
 
