@@ -18,10 +18,12 @@
 
 int main(void)
 {
-    const int8_t *image = &BitNetMCU_test_images[0];
+    const uint8_t *code = BitNetMCU_test_images;
+    int8_t image[BITNETMCU_MODEL_INPUTS];
     uint32_t mismatches = 0, correct = 0;
-    for (uint32_t i = 0; i < BITNETMCU_TEST_IMAGES; i++, image += BITNETMCU_MODEL_INPUTS) {
+    for (uint32_t i = 0; i < BITNETMCU_TEST_IMAGES; i++) {
         int32_t logits[BITNETMCU_MODEL_CLASSES];
+        code = BitNetMCU_unpack_test_image(code, image, BITNETMCU_MODEL_INPUTS);
         uint32_t predicted = BitNetMCU_model_infer(image, logits);
         if (predicted != (uint32_t)BitNetMCU_test_predictions[i]) {
             mismatches++;

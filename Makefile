@@ -6,8 +6,9 @@ PYTHON ?= python3
 # or install your own torch into .venv first (it is kept).
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
-# command:Debian package, for the C checks and the emulated firmware
-APT_TOOLS := clang:clang riscv64-unknown-elf-gcc:gcc-riscv64-unknown-elf qemu-system-riscv32:qemu-system-misc
+# command or file:Debian package, for the C checks, the emulated firmware and the ch32fun build (newlib headers)
+APT_TOOLS := clang:clang riscv64-unknown-elf-gcc:gcc-riscv64-unknown-elf qemu-system-riscv32:qemu-system-misc \
+             /usr/include/newlib/stdio.h:libnewlib-dev
 PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
@@ -26,7 +27,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	@missing=""; for tool in $(APT_TOOLS); do command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	@missing=""; for tool in $(APT_TOOLS); do command -v $${tool%%:*} >/dev/null || test -e $${tool%%:*} \
+		|| missing="$$missing $${tool#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then echo "apt-get install$$missing"; \
 			(apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; \

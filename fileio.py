@@ -102,7 +102,7 @@ def atomic_save(obj, path):
 
 # numpy dtype -> (C type, values per line, format)
 C_TYPES = {np.uint32: ('uint32_t', 8, '0x{:08x}'), np.uint16: ('uint16_t', 12, '0x{:04x}'),
-           np.int16: ('int16_t', 12, '{:d}'), np.int8: ('int8_t', 16, '{:d}')}
+           np.int16: ('int16_t', 12, '{:d}'), np.int8: ('int8_t', 16, '{:d}'), np.uint8: ('uint8_t', 16, '{:d}')}
 
 
 def c_array(name, array):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 MCU_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(MCU_DIR.parent))
+from chipsim import ChipError  # noqa: E402
 from testdata import StaleDataError, header_fingerprint, read_blob, write_blob  # noqa: E402
 
 CROSS = 'riscv64-unknown-elf-'
@@ -53,11 +54,23 @@ def run_qemu(elf, blob, target, timeout=600, model_header=None):
             'status': out.returncode, 'output': out.stdout}
 
 
+SRAM_BASE = 0x20000000
+
+
 def section_sizes(elf):
-    """(flash bytes, static RAM bytes) from the section headers: flash = text + data, RAM = data + bss."""
+    """(flash bytes, static RAM bytes) of a chip build from its section headers: flash holds every section
+    below SRAM plus the initial values of .data; RAM holds every section at SRAM (.data, .bss)."""
     out = subprocess.run([CROSS + 'size', '-A', str(elf)], capture_output=True, text=True, check=True).stdout
-    sizes = {m.group(1): int(m.group(2)) for m in re.finditer(r'^(\.\w+)\s+(\d+)\s+\d+', out, re.M)}
-    return sizes.get('.text', 0) + sizes.get('.data', 0), sizes.get('.data', 0) + sizes.get('.bss', 0)
+    flash = ram = 0
+    for name, size, address in re.findall(r'^(\.[\w.]+)\s+(\d+)\s+(\d+)', out, re.M):
+        if name.startswith(('.debug', '.comment', '.riscv', '.note')):
+            continue
+        if int(address) >= SRAM_BASE:
+            ram += int(size)
+            flash += int(size) if name == '.data' else 0
+        else:
+            flash += int(size)
+    return flash, ram
 
 
 def peak_stack(sim_elf, blob, target, timeout=600):
@@ -79,12 +92,20 @@ def fit_problem(target, flash, ram, stack):
     return '; '.join(over) or None
 
 
-def multiply_uses(elf):
-    """mul/div/rem instructions and calls into libgcc's multiply/divide helpers in an ELF."""
+MULTIPLY = r'\t(mul|mulh|mulhu|mulhsu)\s|<__mul\w*>'
+DIVIDE = r'\t(div|divu|rem|remu)\s|<__(div|udiv|mod|umod)\w*>'
+
+
+def multiply_uses(elf, pattern=MULTIPLY + '|' + DIVIDE):
+    """Lines of the disassembly that multiply or divide (instructions, calls into libgcc's helpers)."""
     dump = subprocess.run([CROSS + 'objdump', '-d', str(elf)], capture_output=True, text=True, check=True).stdout
-    found = [line.strip() for line in dump.splitlines()
-             if re.search(r'\t(mul|mulh|mulhu|mulhsu|div|divu|rem|remu)\s', line) or re.search(r'<__(mul|div|udiv|mod|umod)\w*>', line)]
-    return found
+    return [line.strip() for line in dump.splitlines() if re.search(pattern, line)]
+
+
+def forbidden_arithmetic(elf, target):
+    """What the chip cannot run fast or at all: any multiply or divide on the CH32V003 (no multiplier:
+    libgcc's loops), any divide on the CH32V002 (a multiplier, no divider)."""
+    return multiply_uses(elf, MULTIPLY + '|' + DIVIDE if target == 'CH32V003' else DIVIDE)
 
 
 def make(target, header, blob, build, *goals, timeout=900):
@@ -139,14 +160,36 @@ def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CH
     return row
 
 
+def report_image(args):
+    """The flashable image against the chip: flash and static RAM (and with --elf the stack the demo needs,
+    measured by running it on the emulated chip); one line and exit status 1 when it does not fit."""
+    flash_max, ram_max, _ = CHIPS[args.target]
+    flash, ram = section_sizes(args.probe_elf or args.elf)
+    stack = 0
+    if args.elf:
+        import chipsim
+        chip = chipsim.Chip(args.elf, args.target)
+        chip.run()
+        stack = chip.stack_bytes
+    problem = fit_problem(args.target, flash, ram, stack)
+    if problem:
+        print(f"{args.target}: the image does not fit: {problem}", file=sys.stderr)
+        return 1
+    if args.elf:
+        print(f"{args.target} image {args.elf}: flash {flash} of {flash_max} bytes ({flash_max - flash} free), "
+              f"RAM {ram} static + {stack} stack (measured on the emulated chip) = {ram + stack} of {ram_max} bytes")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('command', choices=['sim', 'size', 'nomul'])
-    parser.add_argument('--elf', required=True, help='firmware ELF (emulator build for sim, chip build otherwise)')
+    parser.add_argument('command', choices=['sim', 'size', 'nomul', 'image'])
+    parser.add_argument('--elf', help='firmware ELF (emulator build for sim, chip build otherwise)')
     parser.add_argument('--sim-elf', help='size: the emulator build, run once to measure the stack')
     parser.add_argument('--blob', help='test-data blob written by test_inference.py')
     parser.add_argument('--header', help='the model header the firmware was built with (the blob must belong to it)')
-    parser.add_argument('--probe-elf', help='sim: the chip build linked without limits; a note when it does not fit')
+    parser.add_argument('--probe-elf', help='the chip build linked without limits: sim notes and image says how far '
+                                            'it is over the chip')
     parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
     parser.add_argument('--timeout', type=int, default=600)
     args = parser.parse_args(argv)
@@ -172,13 +215,18 @@ def main(argv=None):
                   f"= {ram + stack} of {ram_max} bytes: " + (f"DOES NOT FIT: {problem}" if problem else 'fits'))
             if problem:
                 return 1
-        else:
-            uses = multiply_uses(args.elf)
+        elif args.command == 'nomul':
+            uses = forbidden_arithmetic(args.elf, args.target)
+            what = 'multiply/divide' if args.target == 'CH32V003' else 'divide'
             if uses:
-                print(f"{args.elf}: {len(uses)} multiply/divide uses:\n  " + '\n  '.join(uses[:20]))
+                print(f"{args.elf}: {len(uses)} {what} uses the {args.target} cannot run:\n  " + '\n  '.join(uses[:20]))
                 return 1
-            print(f"{args.elf}: no mul/div instruction, no libgcc multiply or divide")
-    except (FirmwareError, StaleDataError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
+            print(f"{args.elf}: no mul/div instruction, no libgcc multiply or divide" if args.target == 'CH32V003'
+                  else f"{args.elf}: no div/rem instruction, no libgcc divide ({len(multiply_uses(args.elf, MULTIPLY))} "
+                       "hardware multiplies)")
+        else:
+            return report_image(args)
+    except (FirmwareError, StaleDataError, ChipError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
