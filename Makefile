@@ -13,12 +13,15 @@ PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
 
-.PHONY: all setup data train export verify ctest sim test test-fast bench bench-quick clean help
+.PHONY: all setup data train export verify ctest sim chip test test-fast bench bench-quick clean help
 .DEFAULT_GOAL := all
 CC ?= cc
 CFLAGS ?= -std=c99 -Wall -Wextra -Wpedantic -Werror -O2
 
-all: verify ctest sim  ## main job: set up, fetch data, train, export, verify C vs Python, run the firmware emulated
+# The ch32fun SDK for the flashable image: CH32FUN=<clone>/ch32fun, else a clone beside this repository.
+CH32FUN ?= $(firstword $(wildcard ../ch32fun/ch32fun ../shared/ch32fun/ch32fun))
+
+all: verify ctest sim chip  ## main job: set up, fetch data, train, export, verify C vs Python, run the firmware emulated
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +66,12 @@ BitNetMCU_MNIST_test_data.h:
 
 sim: verify  ## the firmware on an emulated RV32EC core: all test images, instruction counts, memory fit
 	$(MAKE) -C mcu sim size nomul
+
+chip: verify  ## the image a user flashes (ch32fun), for CH32V003 and CH32V002, run on the emulated chip
+	@if [ -z "$(CH32FUN)" ]; then echo "note: no ch32fun SDK found (git clone https://github.com/cnlohr/ch32fun beside \
+	this repository, or CH32FUN=<clone>/ch32fun): the flashable image was not built"; else \
+	for chip in CH32V003 CH32V002; do $(MAKE) -C mcu firmware chip-sim TARGET_MCU=$$chip CH32FUN=$(abspath $(CH32FUN)) \
+		|| exit 1; done; fi
 
 test: $(DATA_STAMP)  ## run the test suite (all of it)
 	$(PY) -m pytest -q tests

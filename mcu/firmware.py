@@ -129,6 +129,25 @@ def measure_firmware(header, blob, target, build):
             'nomul': not multiply_uses(Path(build) / 'sim.elf')}
 
 
+IMAGE_LINE = re.compile(r'image \S+: flash (\d+) of \d+ bytes .*RAM (\d+) static \+ (\d+) stack')
+
+
+def flashed_image(header, blob, target, build, ch32fun):
+    """`make firmware` for one chip with the ch32fun SDK: the image's flash, static RAM and stack when it
+    builds, fits and passes the chip's arithmetic check; else the one line that says why not."""
+    out = make(target, header, blob, build, 'firmware', f'CH32FUN={ch32fun}')
+    match = IMAGE_LINE.search(out.stdout)
+    if out.returncode == 0 and match:
+        flash, ram, stack = map(int, match.groups())
+        return {'fits': True, 'flash': flash, 'ram': ram + stack, 'why': '', 'soft_mul': 'in software' in out.stdout}
+    text = out.stderr + out.stdout
+    arithmetic = re.search(r'(\d+) (multiply/divide|divide) uses the', text)
+    too_big = re.search(r'the image does not fit: (.*)', text)
+    why = (f"{arithmetic.group(1)} {arithmetic.group(2)} uses, which the {target} cannot run" if arithmetic else
+           too_big.group(1) if too_big else (text.strip().splitlines() or ['make firmware failed'])[-1])
+    return {'fits': False, 'flash': None, 'ram': None, 'why': why, 'soft_mul': False}
+
+
 def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CHIPS), header=None, images=None):
     """The whole chain for one checkpoint: export the header (to `header`, default work/model.h) in
     `layout`, prove C == Python on the test set (or its first `images`), write the test blob, and measure
@@ -191,6 +210,8 @@ def main(argv=None):
     parser.add_argument('--probe-elf', help='the chip build linked without limits: sim notes and image says how far '
                                             'it is over the chip')
     parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
+    parser.add_argument('--note-only', action='store_true',
+                        help='nomul: print a note instead of failing (multiplies the chip does in software)')
     parser.add_argument('--timeout', type=int, default=600)
     args = parser.parse_args(argv)
     try:
@@ -218,7 +239,10 @@ def main(argv=None):
         elif args.command == 'nomul':
             uses = forbidden_arithmetic(args.elf, args.target)
             what = 'multiply/divide' if args.target == 'CH32V003' else 'divide'
-            if uses:
+            if uses and args.note_only:
+                print(f"note: {len(uses)} {what} uses: this model multiplies in software on the {args.target} "
+                      "(libgcc; correct, but slow)")
+            elif uses:
                 print(f"{args.elf}: {len(uses)} {what} uses the {args.target} cannot run:\n  " + '\n  '.join(uses[:20]))
                 return 1
             print(f"{args.elf}: no mul/div instruction, no libgcc multiply or divide" if args.target == 'CH32V003'
