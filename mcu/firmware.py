@@ -143,8 +143,9 @@ def flashed_image(header, blob, target, build, ch32fun):
     text = out.stderr + out.stdout
     arithmetic = re.search(r'(\d+) (multiply/divide|divide) uses the', text)
     too_big = re.search(r'the image does not fit: (.*)', text)
+    errors = [line[len('error: '):] for line in text.splitlines() if line.startswith('error: ')]
     why = (f"{arithmetic.group(1)} {arithmetic.group(2)} uses, which the {target} cannot run" if arithmetic else
-           too_big.group(1) if too_big else (text.strip().splitlines() or ['make firmware failed'])[-1])
+           too_big.group(1) if too_big else errors[0] if errors else 'make firmware failed')
     return {'fits': False, 'flash': None, 'ram': None, 'why': why, 'soft_mul': False}
 
 

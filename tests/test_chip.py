@@ -2,7 +2,6 @@
 (mcu/chipsim.py). The emulator's checks are proven first on small programs written for the purpose."""
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -84,9 +83,7 @@ def test_sram_beyond_2k_exists_on_the_ch32v002(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def make(tmp_path, target, header, blob, *goals):
-    return subprocess.run(['make', '-C', str(ROOT / 'mcu'), *goals, f'TARGET_MCU={target}', f'MODEL_HEADER={header}',
-                           f'TEST_BLOB={blob}', f'BUILD={tmp_path / target}', f'PY={sys.executable}',
-                           f'CH32FUN={ch32fun()}'], capture_output=True, text=True, timeout=600)
+    return firmware.make(target, header, blob, tmp_path / target, *goals, f'CH32FUN={ch32fun()}')
 
 
 @pytest.mark.slow
