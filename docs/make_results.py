@@ -117,7 +117,7 @@ def plots(rows):
 def image_cell(image):
     if image['fits']:
         return f"{image['flash']:,} B flash, {image['ram']:,} B RAM" + (' (software multiply)' if image['soft_mul'] else '')
-    return 'no: ' + image['why'].replace('|', '/')[:90]
+    return 'no: ' + image['why'].replace('|', '/')
 
 
 def markdown(rows):
