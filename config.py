@@ -77,6 +77,8 @@ CONFIG_SCHEMA = {
     'teacher': (str, '', None, 'checkpoint to distill from, path relative to the project (empty: none)'),
     'distill_weight': (_NUM, 0.5, _between(0, 1), "share of the teacher's soft targets in the loss"),
     'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),
+    'validation_images': (int, 0, _at_least(0), 'training images held out as a validation set (a fixed split, '
+                                                 'the same for every seed), evaluated every epoch (0: none)'),
     'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
     'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),

@@ -81,6 +81,24 @@ def epoch_generator(cfg, epoch):
     return torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + epoch)
 
 
+VALIDATION_SPLIT_SEED = 20240414   # one split for every run: validation figures of different seeds compare
+
+
+def split_validation(data, n):
+    """(training data without the held-out images, validation images and labels): the last n of a fixed
+    permutation of the training set, so the split never depends on the run's seed."""
+    if n == 0:
+        return data, None
+    total = len(data['train_y'])
+    if n >= total:
+        raise ConfigError(f"config key 'validation_images': {n} leaves no training images (the {total} of the "
+                          f"dataset); use fewer, e.g. {total // 6}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    keep, held = order[:-n].sort().values, order[-n:].sort().values
+    train = {**data, **{key: data[key][keep] for key in ('train_x28', 'train_x16', 'train_y')}}
+    return train, (normalize(data['train_x16'][held]), data['train_y'][held])
+
+
 def epoch_data(data, cfg, epoch):
     """The shuffled training set of one epoch: clean images, plus as many freshly augmented ones."""
     gen = epoch_generator(cfg, epoch)
@@ -241,6 +259,7 @@ def format_epoch(m, num_epochs, layer_names):
     h = ' '.join(f"{m['entropy/' + n]:.2f}" for n in layer_names)
     return (f"epoch {m['epoch']:3d}/{num_epochs}  lr {m['lr']:.2e}  "
             f"train {m['train_loss']:.4f} {100 * m['train_acc']:6.2f}%  "
+            + (f"val {100 * m['val_acc']:6.2f}%  " if 'val_acc' in m else '') +
             f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
             + (f"(live {100 * m['test_acc_live']:6.2f}%)  " if 'test_acc_live' in m else '') +
             f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s  | s: {s} | bits: {h}")
@@ -336,8 +355,9 @@ def lock_run(run_dir):
     return handle
 
 
-def run_epoch(run, data, epoch):
-    """Train one epoch and evaluate; returns the epoch's metrics."""
+def run_epoch(run, data, epoch, validation=None):
+    """Train one epoch and evaluate (on the test set, and on the validation images when held out); returns
+    the epoch's metrics."""
     cfg, t0 = run.cfg, time.time()
     if epoch < cfg['maxw_update_until_epoch']:
         for _, layer in quant_layers(run.model) + (quant_layers(run.average.model) if run.average else []):
@@ -354,6 +374,8 @@ def run_epoch(run, data, epoch):
     test_loss, test_acc, positive = evaluate(run.final_model, test_x, test_y, run.device)
     metrics = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc,
                'test_loss': test_loss, 'test_acc': test_acc, 'act_positive': positive, 'time_s': time.time() - t0}
+    if validation is not None:
+        metrics['val_loss'], metrics['val_acc'], _ = evaluate(run.final_model, *validation, run.device)
     if run.average is not None:
         metrics['test_acc_live'] = evaluate(run.model, test_x, test_y, run.device)[1]
     for layer, (s, bits) in layer_stats(run.final_model).items():
@@ -391,17 +413,18 @@ def save_model(run, num_classes, log):
 
 def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
     """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
-    data = data or load_dataset(cfg['dataset'], log=log)
+    data, validation = split_validation(data or load_dataset(cfg['dataset'], log=log), cfg['validation_images'])
     run = start_run(cfg, resume, restart, data['num_classes'], log)
     params = sum(p.numel() for p in run.model.parameters())
     log(f"Run {run.name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
-        f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}, "
+        f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
+        f"{f', {len(validation[1])} validation images' if validation else ''}, "
         f"device {run.device}, {torch.get_num_threads()} threads")
     writer = _tensorboard(run.run_dir / 'tensorboard', run.epochs_done)
     try:
         for epoch in range(run.epochs_done, cfg['num_epochs']):
             try:
-                metrics = run_epoch(run, data, epoch)
+                metrics = run_epoch(run, data, epoch, validation)
             except Diverged as e:
                 kept = (f"the {run.epochs_done} epoch(s) before it are kept in {run.checkpoint_path}"
                         if run.epochs_done else "nothing was saved")

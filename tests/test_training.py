@@ -221,3 +221,26 @@ def test_init_from_starts_from_another_runs_weights(teacher):
     with pytest.raises(ConfigError, match="'init_from'.*other layer shapes"):
         training.init_weights(build_model(config(network_width1=16, init_from=teacher), 10),
                               config(network_width1=16, init_from=teacher))
+
+
+def test_validation_images_are_a_fixed_held_out_split(small_mnist):
+    train, (val_x, val_y) = training.split_validation(small_mnist, 500)
+    again, (val_x2, _) = training.split_validation(small_mnist, 500)
+    assert len(train['train_y']) == 2500 == len(train['train_x28']) and len(val_y) == 500
+    assert torch.equal(val_x, val_x2) and torch.equal(train['train_x16'], again['train_x16'])   # fixed
+    rows = lambda x: {bytes(row.numpy()) for row in x}   # noqa: E731
+    kept, held, every = rows(training.normalize(train['train_x16'])), rows(val_x), rows(training.normalize(small_mnist['train_x16']))
+    assert not kept & held and kept | held == every                                            # disjoint, complete
+    assert torch.equal(train['train_y'].bincount(minlength=10) + val_y.bincount(minlength=10),
+                       small_mnist['train_y'].bincount(minlength=10))
+    assert training.split_validation(small_mnist, 0) == (small_mnist, None)
+    with pytest.raises(ConfigError, match="'validation_images': 3000 leaves no training images"):
+        training.split_validation(small_mnist, 3000)
+
+
+def test_training_logs_validation_accuracy(small_mnist, run_dirs):
+    cfg = config(num_epochs=1, validation_images=400)
+    saved = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
+    assert 0.5 < saved['metrics']['val_acc'] <= 1 and saved['metrics']['val_loss'] > 0
+    header = (run_dirs / 'runs' / run_name(cfg) / 'metrics.csv').read_text().splitlines()[0]
+    assert 'val_loss,val_acc' in header
