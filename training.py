@@ -280,7 +280,6 @@ class Run:
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    lock: object
     teacher: Optional[nn.Module]
     average: Optional[WeightAverage]
     run_dir: Path
@@ -315,7 +314,7 @@ def start_run(cfg, resume, restart, num_classes, log):
     init_weights(model, cfg)
     model = model.to(device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
-    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']), lock_run(RUNS_DIR / name),
+    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
               load_teacher(cfg, device), average, RUNS_DIR / name, MODEL_DIR / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
         if not resume:
@@ -341,8 +340,8 @@ def start_run(cfg, resume, restart, num_classes, log):
 
 
 def lock_run(run_dir):
-    """An exclusive lock on the run folder while this process trains it: two trainings of one config would
-    race on its files. Released when the process ends."""
+    """An exclusive lock on the run folder while this process trains it (two trainings of one config would
+    race on its files): an open file, released when it is closed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / 'lock', 'w')
     if fcntl is not None:
@@ -414,7 +413,14 @@ def save_model(run, num_classes, log):
 def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
     """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
     data, validation = split_validation(data or load_dataset(cfg['dataset'], log=log), cfg['validation_images'])
-    run = start_run(cfg, resume, restart, data['num_classes'], log)
+    with lock_run(RUNS_DIR / run_name(cfg)):   # held from start to end, however the run ends
+        run = start_run(cfg, resume, restart, data['num_classes'], log)
+        return train_epochs(run, data, validation, log, on_epoch_end)
+
+
+def train_epochs(run, data, validation, log, on_epoch_end):
+    """The epochs still to do, each kept as it ends; then the model file."""
+    cfg = run.cfg
     params = sum(p.numel() for p in run.model.parameters())
     log(f"Run {run.name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
         f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
@@ -441,7 +447,6 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     finally:
         if writer is not None:
             writer.close()
-        run.lock.close()
 
 
 def main(argv=None):

@@ -66,7 +66,7 @@ class Chip:
                 if segment['p_type'] != 'PT_LOAD' or not segment['p_filesz']:
                     continue
                 address = segment['p_paddr']
-                if not FLASH <= address and address + segment['p_filesz'] <= FLASH + FLASH_SIZE:
+                if not (FLASH <= address and address + segment['p_filesz'] <= FLASH + FLASH_SIZE):
                     raise ChipError(f"{elf}: a segment at {address:#x} ({segment['p_filesz']} bytes) is not in the "
                                     f"{FLASH_SIZE}-byte flash")
                 image[address:address + segment['p_filesz']] = segment.data()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 MCU_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(MCU_DIR.parent))
-from chipsim import ChipError  # noqa: E402
+import chipsim  # noqa: E402
 from testdata import StaleDataError, header_fingerprint, read_blob, write_blob  # noqa: E402
 
 CROSS = 'riscv64-unknown-elf-'
@@ -125,7 +125,7 @@ def measure_firmware(header, blob, target, build):
     sim = run_qemu(Path(build) / 'sim.elf', blob, target, model_header=header)
     links = make(target, header, blob, build, str(Path(build) / 'flash.elf')).returncode == 0
     flash, ram = section_sizes(Path(build) / 'flash.elf') if links else (None, None)
-    return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and ram + sim['stack'] <= CHIPS[target][1],
+    return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and not fit_problem(target, flash, ram, sim['stack']),
             'nomul': not multiply_uses(Path(build) / 'sim.elf')}
 
 
@@ -187,7 +187,6 @@ def report_image(args):
     flash, ram = section_sizes(args.probe_elf or args.elf)
     stack = 0
     if args.elf:
-        import chipsim
         chip = chipsim.Chip(args.elf, args.target)
         chip.run()
         stack = chip.stack_bytes
@@ -251,7 +250,7 @@ def main(argv=None):
                        "hardware multiplies)")
         else:
             return report_image(args)
-    except (FirmwareError, StaleDataError, ChipError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
+    except (FirmwareError, StaleDataError, chipsim.ChipError, subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

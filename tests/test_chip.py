@@ -74,6 +74,11 @@ def test_accesses_outside_the_chip_are_caught_with_pc_and_address(tmp_path, body
         run(program(tmp_path, body), target)
 
 
+def test_an_image_bigger_than_flash_is_refused_before_it_runs(tmp_path):
+    with pytest.raises(chipsim.ChipError, match=r'a segment at 0x0 \(\d+ bytes\) is not in the 16384-byte flash'):
+        chipsim.Chip(program(tmp_path, '.space 20000'), 'CH32V003')
+
+
 def test_sram_beyond_2k_exists_on_the_ch32v002(tmp_path):
     run(program(tmp_path, 'li t0, 0x20000900\nsw zero, 0(t0)'), 'CH32V002')
 
