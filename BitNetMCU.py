@@ -8,6 +8,7 @@ The PyTorch side of the project. Read it top to bottom:
   4. models              - FCMNIST and CNNMNIST, each one flat nn.Sequential called `layers`
 Config loading is in config.py, the integer model the MCU runs in intmodel.py, checkpoints in checkpoint.py.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -122,7 +123,8 @@ class QuantType:
     encode: Optional[Callable] = None     # integer weights -> the codes packed into the header
     packing: str = 'bits'            # 'bits': codes MSB-first in uint32 words; 'trits': 10 base-3 digits per uint16
     kernels: dict = field(default_factory=dict)   # weight layout -> C kernel of a fully connected layer
-    conv_shift: Optional[int] = None      # right shift after an int8 3x3 conv with these weights (None: no conv)
+    conv_shift: Optional[int] = None      # int32 convolutions: right shift after a 3x3 conv with these weights
+                                     # as int8 (None: no such conv)
     clipped: bool = True             # the quantizer reads the clipping scalar s (Binary, Ternary: mean|w| instead)
     original_quantscale: Optional[float] = None   # the original BitNetMCU's s-less (v0.2a) checkpoints: its fixed
                                      # quantscale for this type (None: the configured maxw_quantscale)
@@ -314,39 +316,106 @@ class QuantMixin:
 
 
 class BitLinear(nn.Linear, QuantMixin):
-    """Norm -> 8-bit activations -> linear layer with fake-quantized weights. No bias."""
+    """Norm -> 8-bit activations -> linear layer with fake-quantized weights. No bias.
+    int8_input: the input already is what the MCU holds (int8-activation convolution features), so it is
+    neither normalized nor quantized again."""
 
     def __init__(self, in_features, out_features, QuantType='4bitsym', NormType='RMS',
-                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25):
+                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25, int8_input=False):
         super().__init__(in_features, out_features, bias=False)
-        self.norm = make_norm(NormType, in_features)
+        self.int8_input = int8_input
+        self.norm = nn.Identity() if int8_input else make_norm(NormType, in_features)
         self.init_quant(QuantType, WScale, maxw_algo, quantscale)
 
     def forward(self, x):
-        x = quantize_activations(self.norm(x))
+        if not self.int8_input:
+            x = quantize_activations(self.norm(x))
         return F.linear(x, self.quantized_weight())
+
+
+ACT_MAX = 127   # int8 convolution activations are 0 .. ACT_MAX (7 bits, like the ShiftNorm outputs)
+ACT_QUANTILE = 0.999   # the sum a layer's shift maps to ACT_MAX: this quantile of its sums in training
+
+
+def requantize(acc, shift):
+    """ReLU and the MCU's int8 activation: clamp((acc + 2^shift/2) >> shift, 0, ACT_MAX). The gradient passes
+    straight through inside the range and is zero outside it."""
+    with torch.no_grad():
+        q = torch.floor((acc + (2 ** shift // 2)) / 2 ** shift).clamp(0, ACT_MAX)
+    return _StraightThrough.apply((acc / 2 ** shift).clamp(0, ACT_MAX), q)
 
 
 class BitConv2d(nn.Conv2d, QuantMixin):
     """3x3 convolution with fake-quantized weights, no padding, no bias.
 
-    The MCU keeps 32-bit activations through the convolutions, so only the first layer's input
-    (the int8 image) is quantized; the layers after it see full-precision activations.
+    activations 'int32' (the original BitNetMCU's scheme): the MCU keeps 32-bit feature planes, so only the
+    image is quantized and the layers after it see full-precision activations.
+    activations 'int8': the layer computes exactly what the MCU computes. Its input is integer (the int8 image
+    or the previous layer's 0 .. 127), its weights are the integers the C kernel uses, and its output is
+    requantize(sums, act_shift): 7-bit planes, a quarter of the RAM of int32 ones. act_shift is chosen from a
+    running quantile of the sums (act_peak) whenever the clipping scalar is, and frozen with it.
     """
 
     def __init__(self, in_channels, out_channels, groups=1, QuantType='8bit', WScale='PerTensor',
-                 maxw_algo='octav', quantscale=0.25):
+                 maxw_algo='octav', quantscale=0.25, activations='int32'):
         super().__init__(in_channels, out_channels, kernel_size=3, padding=0, groups=groups, bias=False)
+        self.int8_activations = activations == 'int8'
+        if self.int8_activations:
+            self.register_buffer('act_shift', torch.zeros(()))
+            self.register_buffer('act_peak', torch.zeros(()))
         self.init_quant(QuantType, WScale, maxw_algo, quantscale)
 
+    def integer_weight(self):
+        """The weights as the integers the C kernel multiplies by; the gradient reaches the latent weights."""
+        with torch.no_grad():
+            u, step = self.qtype.quantize(self.weight, self._s_view())
+            unit = step / self.qtype.int_scale
+        return _StraightThrough.apply(self.weight / unit, u * self.qtype.int_scale)
+
     def forward(self, x):
-        return F.conv2d(x, self.quantized_weight(), groups=self.groups)
+        if not self.int8_activations:
+            return F.conv2d(x, self.quantized_weight(), groups=self.groups)
+        acc = F.conv2d(x, self.integer_weight(), groups=self.groups)
+        acc = _StraightThrough.apply(acc, acc.detach().round())   # exact integers, whatever the conv algorithm
+        if self.training:
+            self.observe(acc)
+        return requantize(acc, int(self.act_shift))
+
+    @torch.no_grad()
+    def observe(self, acc):
+        flat = acc.detach().flatten()
+        peak = torch.quantile(flat[::max(1, flat.numel() >> 16)].float(), ACT_QUANTILE).clamp_min(1.0)
+        first = bool(self.act_peak == 0)
+        self.act_peak.copy_(peak if first else 0.9 * self.act_peak + 0.1 * peak)
+        if first:
+            self.update_shift()
+
+    @torch.no_grad()
+    def update_shift(self):
+        """The smallest shift that brings act_peak into 0 .. ACT_MAX."""
+        if self.act_peak > 0:
+            self.act_shift.fill_(max(0, math.ceil(math.log2(float(self.act_peak) / (ACT_MAX + 0.5)))))
+
+    @torch.no_grad()
+    def update_clipping(self):
+        super().update_clipping()
+        if self.int8_activations:
+            self.update_shift()
 
 
 class InputQuant(nn.Module):
-    """The image as the MCU sees it: per-image int8 (127 / max|x|)."""
+    """The image as the MCU sees it: per-image int8 (127 / max|x|). integer: the int8 values themselves (what
+    int8-activation convolutions read); else scaled back to the input's range."""
+
+    def __init__(self, integer=False):
+        super().__init__()
+        self.integer = integer
 
     def forward(self, x):
+        if self.integer:
+            with torch.no_grad():
+                scale = 127.0 / x.flatten(1).abs().amax(dim=1).clamp_min(1e-5)
+                return (x * scale.view(-1, *([1] * (x.dim() - 1)))).round().clamp(-128, 127)
         return quantize_activations(x)
 
 
@@ -354,13 +423,14 @@ class InputQuant(nn.Module):
 # 4. Models. Each is one flat nn.Sequential `layers`, so export can walk it in order.
 # ------------------------------------------------------------------------------------------------
 
-def _linear_stack(widths, cfg, first_qtype):
+def _linear_stack(widths, cfg, first_qtype, int8_input=False):
     """BitLinear layers through `widths`, ReLU between them, none after the classifier."""
     layers = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(BitLinear(n_in, n_out, QuantType=first_qtype if i == 0 else cfg['QuantType'],
                                 NormType=cfg['NormType'], WScale=cfg['WScale'],
-                                maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale']))
+                                maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale'],
+                                int8_input=int8_input and i == 0))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
     return layers
@@ -384,21 +454,24 @@ class FCMNIST(nn.Module):
 
 
 class CNNMNIST(nn.Module):
-    """Sequential depthwise CNN: 16x16 -> conv 14x14 -> dw 12x12 -> pool 6x6 -> dw 4x4 -> pool 2x2 -> FC."""
+    """Sequential depthwise CNN: 16x16 -> conv 14x14 -> dw 12x12 -> pool 6x6 -> dw 4x4 -> pool 2x2 -> FC.
+    conv_activations 'int8': every convolution ends in its own ReLU and 7-bit requantization (BitConv2d)."""
 
     def __init__(self, cfg, num_classes):
         super().__init__()
         c = cfg['cnn_width']
-        conv = dict(QuantType=cfg['conv_QuantType'], WScale=cfg['WScale'],
-                    maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale'])
+        int8 = cfg['conv_activations'] == 'int8'
+        conv = dict(QuantType=cfg['conv_QuantType'], WScale=cfg['WScale'], maxw_algo=cfg['maxw_algo'],
+                    quantscale=cfg['maxw_quantscale'], activations=cfg['conv_activations'])
+        relu = [] if int8 else [nn.ReLU()]
         widths = [c * 2 * 2] + hidden_widths(cfg) + [num_classes]
         self.layers = nn.Sequential(
-            InputQuant(),
-            BitConv2d(1, c, **conv), nn.ReLU(),
-            BitConv2d(c, c, groups=c, **conv), nn.ReLU(), nn.MaxPool2d(2),
-            BitConv2d(c, c, groups=c, **conv), nn.ReLU(), nn.MaxPool2d(2),
+            InputQuant(integer=int8),
+            BitConv2d(1, c, **conv), *relu,
+            BitConv2d(c, c, groups=c, **conv), *relu, nn.MaxPool2d(2),
+            BitConv2d(c, c, groups=c, **conv), *relu, nn.MaxPool2d(2),
             nn.Flatten(),
-            *_linear_stack(widths, cfg, cfg['fc1_QuantType'] or '2bitsym'))
+            *_linear_stack(widths, cfg, cfg['fc1_QuantType'] or '2bitsym', int8_input=int8))
 
     def forward(self, x):
         return self.layers(x.view(-1, 1, 16, 16))

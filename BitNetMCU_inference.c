@@ -272,3 +272,145 @@ uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n)
         if (values[i] > values[best]) best = i;
     return best;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Convolutions with int8 activations
+ * ------------------------------------------------------------------------------------------------ */
+
+int32_t BitNetMCU_unsigned_image(const int8_t *image, uint8_t *plane, uint32_t n)
+{
+    int32_t min = image[0];
+    for (uint32_t i = 1; i < n; i++)
+        if (image[i] < min) min = image[i];
+    for (uint32_t i = 0; i < n; i++) plane[i] = (uint8_t)(image[i] - min);
+    return min;
+}
+
+void BitNetMCU_maxpool2_u8(const uint8_t *input, uint32_t size, uint8_t *output)
+{
+    for (uint32_t y = 0; y < size; y += 2u, input += 2u * size) {
+        for (uint32_t x = 0; x < size; x += 2u) {
+            uint32_t m = input[x];
+            if (input[x + 1u] > m) m = input[x + 1u];
+            if (input[size + x] > m) m = input[size + x];
+            if (input[size + x + 1u] > m) m = input[size + x + 1u];
+            *output++ = (uint8_t)m;
+        }
+    }
+}
+
+/* The 9 weights of one channel as integers (times_code(1, code) folds to the level of the code). */
+SPECIALIZE void channel_weights(const uint32_t *w, int32_t weight[9], enum qtype t)
+{
+    uint32_t bits = 1u << log2_bits(t), word = 0, left = 0;
+    for (uint32_t i = 0; i < 9u; i++) {
+        if (left == 0) {
+            word = *w++;
+            left = 32;
+        }
+        left -= bits;
+        weight[i] = times_code(1, (word >> left) & ((1u << bits) - 1u), t);
+    }
+}
+
+/* sum >> shift, clamped to the 7-bit activation range (the rounding half is already in sum). */
+SPECIALIZE uint8_t requantize(int32_t sum, uint32_t shift)
+{
+    sum >>= shift;
+    return (uint8_t)(sum < 0 ? 0 : sum > 127 ? 127 : sum);
+}
+
+/* Any weights: a product per tap (shifts and adds without a multiplier, |weight| <= 128). Output pixel
+ * (y, x) goes to y * (size - 2) + x, never past an input pixel a later output still reads: in place works. */
+static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
+                         uint8_t *output)
+{
+    uint32_t out_size = size - 2u;
+    for (uint32_t y = 0; y < out_size; y++, input += size) {
+        for (uint32_t x = 0; x < out_size; x++) {
+            const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
+            int32_t sum = bias + times_small(w[0], r0[0]) + times_small(w[1], r0[1]) + times_small(w[2], r0[2])
+                        + times_small(w[3], r1[0]) + times_small(w[4], r1[1]) + times_small(w[5], r1[2])
+                        + times_small(w[6], r2[0]) + times_small(w[7], r2[1]) + times_small(w[8], r2[2]);
+            *output++ = requantize(sum, shift);
+        }
+    }
+}
+
+/* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
+ * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
+ * is low minus high: one shift and one add per weight, with no sign to test. `lane` is the fewest bits that
+ * hold the largest possible positive sum; returns 0 (use conv_weights) when the negative one does not fit
+ * in the bits left. */
+static uint32_t fp130_lanes(const int32_t w[9], uint32_t max_input, uint32_t r[9])
+{
+    uint32_t positive = 0, negative = 0, lane = 0;
+    for (uint32_t i = 0; i < 9u; i++) {
+        if (w[i] > 0) positive += (uint32_t)w[i];
+        else negative += (uint32_t)-w[i];
+    }
+    uint32_t max_positive = (uint32_t)times_small((int32_t)max_input, (int32_t)positive);
+    uint32_t max_negative = (uint32_t)times_small((int32_t)max_input, (int32_t)negative);
+    while (lane < 32u && (max_positive >> lane) != 0u) lane++;
+    if (lane == 0u || lane >= 32u || (max_negative >> (32u - lane)) != 0u)
+        return 0;
+    for (uint32_t i = 0; i < 9u; i++) {
+        uint32_t magnitude = (uint32_t)(w[i] < 0 ? -w[i] : w[i]), e = 0;
+        while ((1u << e) < magnitude) e++;
+        r[i] = w[i] < 0 ? e + lane : e;
+    }
+    return lane;
+}
+
+static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
+                             uint32_t shift, uint8_t *output)
+{
+    uint32_t out_size = size - 2u, mask = (1u << lane) - 1u;
+    for (uint32_t y = 0; y < out_size; y++, input += size) {
+        for (uint32_t x = 0; x < out_size; x++) {
+            const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
+            uint32_t acc = ((uint32_t)r0[0] << r[0]) + ((uint32_t)r0[1] << r[1]) + ((uint32_t)r0[2] << r[2])
+                         + ((uint32_t)r1[0] << r[3]) + ((uint32_t)r1[1] << r[4]) + ((uint32_t)r1[2] << r[5])
+                         + ((uint32_t)r2[0] << r[6]) + ((uint32_t)r2[1] << r[7]) + ((uint32_t)r2[2] << r[8]);
+            *output++ = requantize((int32_t)(acc & mask) - (int32_t)(acc >> lane) + bias, shift);
+        }
+    }
+}
+
+/* The input is plane + offset: its share, offset x the sum of the weights, is added once with the rounding. */
+SPECIALIZE int32_t conv_bias(const int32_t w[9], int32_t offset, uint32_t shift)
+{
+    int32_t total = 0;
+    for (uint32_t i = 0; i < 9u; i++) total += w[i];
+    return times_small(offset, total) + (int32_t)((1u << shift) >> 1);
+}
+
+SPECIALIZE void qconv(const uint8_t *input, int32_t offset, uint32_t size, const uint32_t *weights, uint32_t shift,
+                      uint8_t *output, enum qtype t)
+{
+    int32_t w[9];
+    uint32_t r[9], lane;
+    channel_weights(weights, w, t);
+    int32_t bias = conv_bias(w, offset, shift);
+    if (t == FP130 && (lane = fp130_lanes(w, (uint32_t)(127 - offset), r)) != 0u)
+        conv_fp130_lanes(input, bias, size, r, lane, shift, output);
+    else
+        conv_weights(input, bias, size, w, shift, output);
+}
+
+#define BITNETMCU_DEFINE_QCONV(name, id, log2_bits) \
+    BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name) { qconv(input, offset, size, weights, shift, output, id); }
+BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_QCONV)
+
+BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
+{
+    int32_t w[9];
+    uint32_t frac = *(const uint16_t *)weights;
+    for (uint32_t i = 0; i < 9u; i++) {   /* the trits of fc_rows_Ternary: +1 -> 0, -1 -> 1, 0 -> 2 */
+        frac = (frac << 1) + frac;
+        uint32_t trit = frac >> 16;
+        frac &= 0xFFFFu;
+        w[i] = trit == 0u ? 1 : trit == 1u ? -1 : 0;
+    }
+    conv_weights(input, conv_bias(w, offset, shift), size, w, shift, output);
+}

@@ -84,6 +84,31 @@ void BitNetMCU_conv3x3_relu_image(const int8_t *input, uint32_t size, const int8
 /* 2x2 max pooling, stride 2, of one size x size channel (size even). Works in place. */
 void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 
+/*
+ * Convolutions with int8 activations (conv_activations: int8). One size x size uint8 plane per channel;
+ * each kernel convolves it (3x3, no padding) with one channel's 9 weights, adds the bias of `offset`
+ * (the plane holds input - offset) and writes the requantized result:
+ *     output[(size-2)^2] = clamp((sum + 2^shift / 2) >> shift, 0, 127)
+ * Works in place (output == input). Weights: the 9 codes of the channel as the fully connected kernels
+ * store them, packed MSB-first into uint32_t words (Ternary: 10 trits in one uint16_t).
+ * Without a multiplier every type's products are shifts and adds (BITNETMCU_NO_MUL). FP130 sums the
+ * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
+ * per weight.
+ */
+#define BITNETMCU_QCONV_KERNEL(name)                                                                    \
+    void name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
+              uint8_t *output)
+#define BITNETMCU_DECLARE_QCONV(name, id, log2_bits) BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name);
+BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_QCONV)
+BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary);
+
+/* The image as the int8-activation convolutions read it: plane[i] = image[i] - min(image), all >= 0.
+ * Returns the minimum (the `offset` of the first convolution). */
+int32_t BitNetMCU_unsigned_image(const int8_t *image, uint8_t *plane, uint32_t n);
+
+/* 2x2 max pooling, stride 2, of a uint8 plane (size even). Works in place. */
+void BitNetMCU_maxpool2_u8(const uint8_t *input, uint32_t size, uint8_t *output);
+
 /* Index of the first maximum. */
 uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n);
 

@@ -53,6 +53,9 @@ CONFIG_SCHEMA = {
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
                       'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
     'conv_QuantType': (str, '8bit', _choice(*QUANT_TYPES), 'CNNMNIST convolution weight quantization'),
+    'conv_activations': (str, 'int32', _choice('int32', 'int8'),
+                         'CNNMNIST feature planes on the MCU: int32 (as the original) or int8 (0..127 after each '
+                         'conv, a quarter of the RAM; the network is trained with exactly that rounding)'),
     'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
     'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
     'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
@@ -79,6 +82,8 @@ CONFIG_SCHEMA = {
     'distill_temperature': (_NUM, 4.0, lambda v: None if v > 0 else 'must be > 0', 'softmax temperature of distillation'),
     'validation_images': (int, 0, _at_least(0), 'training images held out as a validation set (a fixed split, '
                                                  'the same for every seed), evaluated every epoch (0: none)'),
+    'keep_best': (bool, False, None, 'save the epoch of the best validation accuracy instead of the last '
+                                     '(needs validation_images)'),
     'augmentation': (bool, True, None, 'add 60k freshly augmented images to every epoch'),
     'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
@@ -93,7 +98,7 @@ CONFIG_SCHEMA = {
     'exportable': (bool, True, None, 'refuse settings the MCU engine cannot run (false: float, BatchNorm, '
                                      '... models, for comparison only)'),
 }
-CNN_ONLY_KEYS = ('cnn_width', 'conv_QuantType')
+CNN_ONLY_KEYS = ('cnn_width', 'conv_QuantType', 'conv_activations')
 DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
 
 
@@ -179,6 +184,9 @@ def load_config(path=None, overrides=None):
     """Read a YAML config, apply overrides, fill defaults, validate every key, and refuse what the MCU
     engine could not run (unless exportable: false). Returns a plain dict."""
     cfg = validate_config({**read_yaml(path or DEFAULT_PARAMS), **(overrides or {})})
+    if cfg['keep_best'] and not cfg['validation_images']:
+        raise ConfigError("config key 'keep_best': true needs a validation set to choose the epoch by; set "
+                          "validation_images (e.g. 5000)")
     if cfg['exportable']:
         problems = export_problems(cfg)
         if problems:
@@ -195,9 +203,10 @@ def export_problems(cfg):
         value = cfg[key]
         if value is None:
             continue
-        if key == 'conv_QuantType' and value not in CONV_TYPES:
-            problems.append(f"config key 'conv_QuantType': {value!r} has no int8 convolution kernel "
-                            f"(exportable: {', '.join(CONV_TYPES)})")
+        conv_types = EXPORTABLE_TYPES if cfg['conv_activations'] == 'int8' else CONV_TYPES
+        if key == 'conv_QuantType' and value not in conv_types:
+            problems.append(f"config key 'conv_QuantType': {value!r} has no convolution kernel for "
+                            f"conv_activations {cfg['conv_activations']} (exportable: {', '.join(conv_types)})")
         elif key != 'conv_QuantType' and value not in EXPORTABLE_TYPES:
             problems.append(f"config key {key!r}: {value!r} has no integer form (exportable: "
                             f"{', '.join(EXPORTABLE_TYPES)})")

@@ -69,7 +69,7 @@ def layer_table(packed):
         if op.kind == 'fc':
             shape, bits = f"{op.weights.shape[1]} -> {op.weights.shape[0]}", op.qtype.bits
         else:
-            shape, bits = f"3x3 x {op.weights.shape[0]} ch", 8
+            shape, bits = f"3x3 x {op.weights.shape[0]} ch", op.qtype.bits if op.kind == 'qconv' else 8
         rows.append((op.name, op.kind, shape, op.qtype.name, bits, layer.nbytes))
     return rows
 
@@ -77,6 +77,8 @@ def layer_table(packed):
 def activation_ram(int_model, packed):
     """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
     plan = buffer_plan(int_model, packed)
+    if plan['int8_planes']:
+        return max(plan['image'] + plan['plane'], 4 * plan['scratch']) + plan['features']
     return 4 * (plan['scratch'] + plan['features']) + plan['act']
 
 
@@ -104,7 +106,7 @@ def array_name(index, part='weights'):
 def split_ops(int_model):
     """(the per-channel conv/maxpool stack, the rest: ShiftNorms and fully connected layers)."""
     ops = list(int_model.ops)
-    n = next((i for i, op in enumerate(ops) if op.kind not in ('conv', 'maxpool')), len(ops))
+    n = next((i for i, op in enumerate(ops) if op.kind not in ('conv', 'qconv', 'maxpool')), len(ops))
     return ops[:n], ops[n:]
 
 
@@ -114,50 +116,90 @@ def buffer_plan(int_model, packed):
     fcs = [op for op in rest if op.kind == 'fc']
     size, biggest = int_model.input_size, 0
     for op in stack:
-        size = size - 2 if op.kind == 'conv' else size // 2
+        size = size - 2 if op.kind in ('conv', 'qconv') else size // 2
         biggest = max(biggest, size * size)
     fed_by_act = fcs if stack else fcs[1:]
     sums = max(layer.outputs for layer in packed if layer.op.kind == 'fc')
+    act = max((op.weights.shape[1] for op in fed_by_act), default=0)
+    features = stack[0].weights.shape[0] * size * size if stack else 0
+    if stack and stack[0].kind == 'qconv':
+        # int8 planes: the image and one channel's plane, then (in the same bytes) the fully connected sums;
+        # the ShiftNorm outputs reuse the features once the first fully connected layer has read them.
+        first = int_model.input_size - 2
+        return {'int8_planes': True, 'image': int_model.input_size ** 2, 'plane': first * first, 'scratch': sums,
+                'features': max(features, act), 'final_size': size}
     # The convolution maps and, after them, the fully connected sums share one int32 buffer.
-    return {'scratch': max(biggest, sums), 'features': stack[0].weights.shape[0] * size * size if stack else 0,
-            'final_size': size, 'act': max((op.weights.shape[1] for op in fed_by_act), default=0)}
+    return {'int8_planes': False, 'scratch': max(biggest, sums), 'features': features, 'final_size': size,
+            'act': act}
+
+
+def int8_stack_lines(int_model, plan, stack, convs):
+    """Buffers and the int8-plane stack: every channel in turn runs through all of it, so one channel's
+    plane is all the RAM the convolutions need."""
+    size = int_model.input_size
+    ctype = {np.uint32: 'uint32_t', np.uint16: 'uint16_t'}
+    lines = [f"    union {{ struct {{ uint8_t image[{plan['image']}], plane[{plan['plane']}]; }} conv; "
+             f"int32_t sums[{plan['scratch']}]; }} ram;",
+             f"    int8_t features[{plan['features']}], *act = features;",
+             "    int32_t *sums = ram.sums;",
+             f"    int32_t offset = BitNetMCU_unsigned_image(input, ram.conv.image, {size * size}u);"]
+    lines += [f"    const {ctype[layer.words.dtype.type]} *w{k} = {array_name(index)};" for k, (index, layer) in enumerate(convs)]
+    lines.append(f"    for (uint32_t c = 0; c < {convs[0][1].op.weights.shape[0]}u; c++"
+                 + ''.join(f", w{k} += {layer.words.shape[1]}" for k, (_, layer) in enumerate(convs)) + ") {")
+    src, k, final = 'ram.conv.image', 0, plan['final_size'] ** 2
+    for i, op in enumerate(stack):
+        dst = f"(uint8_t *)features + {final}u * c" if i == len(stack) - 1 else 'ram.conv.plane'
+        if op.kind == 'qconv':
+            offset = 'offset' if k == 0 else '0'
+            lines.append(f"        {convs[k][1].kernel}({src}, {offset}, {size}u, w{k}, {op.shift}u, {dst});")
+            size, k = size - 2, k + 1
+        else:
+            lines.append(f"        BitNetMCU_maxpool2_u8({src}, {size}u, {dst});")
+            size //= 2
+        src = dst
+    return lines + ["    }"]
+
+
+def int32_stack_lines(int_model, plan, stack, convs):
+    """Buffers and, with convolutions, the int32-plane stack; returns (lines, source of the first fully
+    connected layer, its length)."""
+    if not stack:
+        lines = [f"    int32_t sums[{plan['scratch']}];"] + ([f"    int8_t act[{plan['act']}];"] if plan['act'] else [])
+        return lines, 'input', None
+    lines = [f"    int32_t scratch[{plan['scratch']}], *sums = scratch;"]
+    if plan['act']:
+        lines.append(f"    int8_t act[{plan['act']}];")
+    # Depthwise after the first conv: each channel runs through the whole stack on its own, in
+    # place in `scratch`, so only one channel's map is ever in RAM.
+    channels = convs[0][1].op.weights.shape[0]
+    lines += [f"    int32_t features[{plan['features']}], *feature = features;",
+              "    const int8_t " + ', '.join(f"*w{k} = {array_name(index)}" for k, (index, _) in enumerate(convs)) + ';',
+              f"    for (uint32_t c = 0; c < {channels}u; c++, "
+              + ''.join(f"w{k} += 9, " for k in range(len(convs)))
+              + f"feature += {plan['final_size'] ** 2}) {{"]
+    size, src, k = int_model.input_size, 'input', 0
+    for i, op in enumerate(stack):
+        dst = 'feature' if i == len(stack) - 1 else 'scratch'
+        if op.kind == 'conv':
+            lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
+            size, k = size - 2, k + 1
+        else:
+            lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")
+            size //= 2
+        src = dst
+    return lines + ["    }"], 'features', plan['features']
 
 
 def infer_function(int_model, packed):
     """C source of BitNetMCU_model_infer(): the kernels in the order of int_model.ops."""
     plan = buffer_plan(int_model, packed)
     stack, rest = split_ops(int_model)
-    convs = [(index, layer) for index, layer in enumerate(packed) if layer.op.kind == 'conv']
+    convs = [(index, layer) for index, layer in enumerate(packed) if layer.op.kind in ('conv', 'qconv')]
     fcs = iter([(index, layer) for index, layer in enumerate(packed) if layer.op.kind == 'fc'])
-    lines = []
-    if stack:
-        lines.append(f"    int32_t scratch[{plan['scratch']}], *sums = scratch;")
+    if plan['int8_planes']:
+        lines, source, count = int8_stack_lines(int_model, plan, stack, convs), 'features', plan['features']
     else:
-        lines.append(f"    int32_t sums[{plan['scratch']}];")
-    if plan['act']:
-        lines.append(f"    int8_t act[{plan['act']}];")
-    source, count = 'input', None
-    if stack:
-        # Depthwise after the first conv: each channel runs through the whole stack on its own, in
-        # place in `scratch`, so only one channel's map is ever in RAM.
-        channels = convs[0][1].op.weights.shape[0]
-        lines += [f"    int32_t features[{plan['features']}], *feature = features;",
-                  "    const int8_t " + ', '.join(f"*w{k} = {array_name(index)}" for k, (index, _) in enumerate(convs)) + ';',
-                  f"    for (uint32_t c = 0; c < {channels}u; c++, "
-                  + ''.join(f"w{k} += 9, " for k in range(len(convs)))
-                  + f"feature += {plan['final_size'] ** 2}) {{"]
-        size, src, k = int_model.input_size, 'input', 0
-        for i, op in enumerate(stack):
-            dst = 'feature' if i == len(stack) - 1 else 'scratch'
-            if op.kind == 'conv':
-                lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
-                size, k = size - 2, k + 1
-            else:
-                lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")
-                size //= 2
-            src = dst
-        lines.append("    }")
-        source, count = 'features', plan['features']
+        lines, source, count = int32_stack_lines(int_model, plan, stack, convs)
     for op in rest:
         if op.kind == 'shiftnorm':
             lines.append(f"    BitNetMCU_shiftnorm_relu({source}, act, {count}u);")
@@ -193,6 +235,9 @@ def header_text(int_model, source_name, layout=LAYOUTS[0]):
             if layer.rowsums is not None:
                 parts.append(f"/* {op.name}: sum of each output's weights, for skipping the image background */\n"
                              + c_array(array_name(index, 'rowsums'), layer.rowsums))
+        elif op.kind == 'qconv':
+            desc = (f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} codes "
+                    f"({layer.words.shape[1]} word{'s' * (layer.words.shape[1] > 1)} each), int8 activations, shift {op.shift}")
         else:
             desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"
         parts.append(f"/* {op.name}: {desc} */\n" + c_array(array_name(index), layer.words))

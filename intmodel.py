@@ -29,6 +29,7 @@ class IntOp:
     """One step of the integer model, in order. kind:
     'fc'        int8 input -> int32 sums, weights (out, in) as the kernel multiplies them
     'conv'      3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 in/out
+    'qconv'     3x3 conv per channel, int8 activations: clamp((sum + 2^shift/2) >> shift, 0, 127)
     'maxpool'   2x2 max pooling per channel
     'shiftnorm' ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)"""
     kind: str
@@ -77,6 +78,10 @@ def to_int_model(model):
             if module.per_output:
                 raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
                                   "integer engine does not have; train with WScale PerTensor to export")
+            if module.int8_activations:
+                ops.append(IntOp('qconv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
+                                 int(module.act_shift), label))
+                continue
             if module.qtype.conv_shift is None:
                 raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
                                   f"use conv_QuantType {' / '.join(CONV_TYPES)}")
@@ -91,7 +96,7 @@ def to_int_model(model):
             if not isinstance(module.norm, (RMSNorm, nn.Identity)):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
                                   "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
-            if ops:   # the first layer's input is the int8 image itself
+            if ops and not module.int8_input:   # the image, or int8 conv features, need no ShiftNorm
                 ops.append(IntOp('shiftnorm', name=f'{label} input'))
             ops.append(IntOp('fc', module.qtype, integer_weights(module, label), name=label))
         elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
@@ -135,12 +140,25 @@ def conv3x3_relu(x, weights, shift):
     return acc, np.where(acc > 0, acc >> shift, 0)
 
 
+def qconv3x3(x, weights, shift):
+    """Per-channel 3x3 conv with int8 activations, as BitNetMCU_qconv3x3_*(): (sums, requantized outputs).
+    float32 convolution is exact here (every sum is an integer far below 2^24), checked before rounding."""
+    xt = torch.from_numpy(x.astype(np.float32))
+    k = torch.from_numpy(weights.astype(np.float32)).reshape(-1, 1, 3, 3)
+    acc = torch.nn.functional.conv2d(xt, k, groups=x.shape[1] if x.shape[1] > 1 else 1).numpy()
+    sums = np.rint(acc).astype(np.int64)
+    if np.abs(acc - sums).max(initial=0) > 0.25:
+        raise ExportError("the float32 convolution was not exact; the sums are too large for this reference")
+    return sums, np.clip((sums + ((1 << shift) >> 1)) >> shift, 0, 127)
+
+
 def maxpool2(x):
     n, c, h, w = x.shape
     return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
 
 
 INT32_MAX = 2 ** 31 - 1
+REFERENCE_BATCH = 2000   # images per pass of an int8-activation CNN through the reference
 
 
 def reference_logits(int_model, images_int8):
@@ -148,15 +166,21 @@ def reference_logits(int_model, images_int8):
     the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
     x = np.asarray(images_int8, dtype=np.int64)
     size = int_model.input_size
-    if any(op.kind == 'conv' for op in int_model.ops):
+    if any(op.kind == 'qconv' for op in int_model.ops) and len(x) > REFERENCE_BATCH:   # bounded memory
+        return np.concatenate([reference_logits(int_model, x[i:i + REFERENCE_BATCH])
+                               for i in range(0, len(x), REFERENCE_BATCH)])
+    if any(op.kind in ('conv', 'qconv') for op in int_model.ops):
         x = x.reshape(len(x), 1, size, size)
     for op in int_model.ops:
         if op.kind == 'fc':
-            x = fc(x, op.weights)
+            x = fc(x.reshape(len(x), -1), op.weights)
         elif op.kind == 'shiftnorm':
             x = shiftnorm_relu(x.reshape(len(x), -1))
         elif op.kind == 'conv':
             acc, x = conv3x3_relu(x, op.weights, op.shift)
+            _check_int32(acc, op)
+        elif op.kind == 'qconv':
+            acc, x = qconv3x3(x, op.weights, op.shift)
             _check_int32(acc, op)
         elif op.kind == 'maxpool':
             x = maxpool2(x)
@@ -198,7 +222,8 @@ class PackedLayer:
     summary and the buffer plan."""
     op: IntOp
     kernel: str                        # the C function that reads `words`
-    layout: str                        # fc: 'input-major' or 'output-major'; conv: 'channels' (9 weights each)
+    layout: str                        # fc: 'input-major' or 'output-major'; conv: 'channels' (9 weights each;
+                                       # qconv: packed codes, each channel starting a new word)
     words: np.ndarray                  # the weight array in the header
     outputs: int = 0                   # fc: int32 sums the kernel writes (input-major: n_out up to whole words)
     rowsums: Optional[np.ndarray] = None   # int16 sum of each output's weights: lets the kernel skip the background
@@ -238,6 +263,9 @@ def pack_model(int_model, layout=LAYOUTS[0]):
         if op.kind == 'conv':
             kernel = 'BitNetMCU_conv3x3_relu_image' if reads_image else 'BitNetMCU_conv3x3_relu'
             packed.append(PackedLayer(op, kernel, 'channels', op.weights.astype(np.int8)))
+        elif op.kind == 'qconv':
+            packed.append(PackedLayer(op, f'BitNetMCU_qconv3x3_{op.qtype.name}', 'channels',
+                                      pack_codes(op.qtype, op.weights)))
         else:
             packed.append(pack_fc(op, layout, skip_background=reads_image))
     return packed

@@ -382,9 +382,17 @@ def run_epoch(run, data, epoch, validation=None):
     return metrics
 
 
+def best_epoch(history):
+    """The metrics of the epoch with the best validation accuracy (the earliest of equals)."""
+    return max(history, key=lambda m: (m['val_acc'], -m['epoch']))
+
+
 def record_epoch(run, metrics, writer, log):
-    """Keep an epoch: the resumable checkpoint, metrics.csv, TensorBoard and the log line."""
+    """Keep an epoch: the resumable checkpoint, metrics.csv, TensorBoard and the log line; with keep_best, the
+    model of the best validation epoch so far in runs/<name>/best.pt."""
     run.history.append(metrics)
+    if run.cfg['keep_best'] and best_epoch(run.history) is metrics:
+        atomic_save({'epoch': metrics['epoch'], 'state_dict': run.final_model.state_dict()}, run.run_dir / 'best.pt')
     atomic_save({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
                  'average': run.average.state_dict() if run.average else None,
                  'epoch': metrics['epoch'], 'history': run.history, 'config': run.cfg}, run.checkpoint_path)
@@ -398,14 +406,22 @@ def record_epoch(run, metrics, writer, log):
 
 
 def save_model(run, num_classes, log):
-    """The finished run's model file (weights, config, metrics: all later steps need); the resumable
-    checkpoint is then removed."""
+    """The finished run's model file (weights, config, metrics: all later steps need): the last epoch, or with
+    keep_best the best validation epoch. The resumable checkpoint is then removed."""
+    state, metrics = run.final_model.state_dict(), run.history[-1]
+    if run.cfg['keep_best']:
+        metrics = best_epoch(run.history)
+        best = torch.load(run.run_dir / 'best.pt', map_location='cpu', weights_only=True)
+        if best['epoch'] != metrics['epoch']:
+            raise OutputError(f"{run.run_dir / 'best.pt'} holds epoch {best['epoch']}, the best validation epoch "
+                              f"is {metrics['epoch']}; resume with --restart")
+        state = best['state_dict']
+        log(f"Keeping epoch {metrics['epoch']}: validation accuracy {100 * metrics['val_acc']:.2f}%")
     atomic_save({'format': CHECKPOINT_FORMAT, 'run_name': run.name, 'config': run.cfg, 'num_classes': num_classes,
-                 'state_dict': run.final_model.state_dict(), 'metrics': run.history[-1], 'history': run.history},
-                run.model_path)
+                 'state_dict': state, 'metrics': metrics, 'history': run.history}, run.model_path)
     run.checkpoint_path.unlink()
     shown = run.model_path.relative_to(PROJECT_DIR) if run.model_path.is_relative_to(PROJECT_DIR) else run.model_path
-    log(f"Saved {shown}: test accuracy {100 * run.history[-1]['test_acc']:.2f}% (float QAT model), "
+    log(f"Saved {shown}: test accuracy {100 * metrics['test_acc']:.2f}% (float QAT model), "
         f"{sum(m['time_s'] for m in run.history):.0f}s training")
     return run.model_path
 
