@@ -320,18 +320,34 @@ SPECIALIZE uint8_t requantize(int32_t sum, uint32_t shift)
     return (uint8_t)(sum < 0 ? 0 : sum > 127 ? 127 : sum);
 }
 
-/* Any weights: a product per tap (shifts and adds without a multiplier, |weight| <= 128). Output pixel
- * (y, x) goes to y * (size - 2) + x, never past an input pixel a later output still reads: in place works. */
+/* weight x input: a shift for a power of two (log2 < 32), else shifts and adds (or a multiply). */
+SPECIALIZE int32_t times_weight(int32_t weight, uint32_t log2, int32_t input)
+{
+    if (log2 < 32u) {
+        int32_t v = shl(input, log2);
+        return weight < 0 ? -v : v;
+    }
+    return times_small(weight, input);
+}
+
+/* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
+ * a later output still reads: in place works. */
 static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
                          uint8_t *output)
 {
-    uint32_t out_size = size - 2u;
+    uint32_t out_size = size - 2u, log2[9];
+    for (uint32_t i = 0; i < 9u; i++) {   /* 32: not a power of two */
+        uint32_t magnitude = (uint32_t)(w[i] < 0 ? -w[i] : w[i]), e = 0;
+        while (e < 31u && (1u << e) < magnitude) e++;
+        log2[i] = (1u << e) == magnitude ? e : 32u;
+    }
     for (uint32_t y = 0; y < out_size; y++, input += size) {
         for (uint32_t x = 0; x < out_size; x++) {
             const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
-            int32_t sum = bias + times_small(w[0], r0[0]) + times_small(w[1], r0[1]) + times_small(w[2], r0[2])
-                        + times_small(w[3], r1[0]) + times_small(w[4], r1[1]) + times_small(w[5], r1[2])
-                        + times_small(w[6], r2[0]) + times_small(w[7], r2[1]) + times_small(w[8], r2[2]);
+            int32_t sum = bias;
+            for (uint32_t i = 0; i < 3u; i++)
+                sum += times_weight(w[i], log2[i], r0[i]) + times_weight(w[3u + i], log2[3u + i], r1[i])
+                     + times_weight(w[6u + i], log2[6u + i], r2[i]);
             *output++ = requantize(sum, shift);
         }
     }
@@ -362,18 +378,26 @@ static uint32_t fp130_lanes(const int32_t w[9], uint32_t max_input, uint32_t r[9
     return lane;
 }
 
+/* One output row's lane sums. The nine shift amounts are plain locals so that the compiler can keep them in
+ * registers: per weight a load, a shift and an add. */
+static void fp130_lane_row(const uint8_t *p0, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+{
+    const uint32_t r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5], r6 = r[6], r7 = r[7], r8 = r[8];
+    const uint8_t *p1 = p0 + size, *p2 = p1 + size;
+    for (uint32_t *end = acc + n; acc != end; acc++, p0++, p1++, p2++)
+        *acc = ((uint32_t)p0[0] << r0) + ((uint32_t)p0[1] << r1) + ((uint32_t)p0[2] << r2)
+             + ((uint32_t)p1[0] << r3) + ((uint32_t)p1[1] << r4) + ((uint32_t)p1[2] << r5)
+             + ((uint32_t)p2[0] << r6) + ((uint32_t)p2[1] << r7) + ((uint32_t)p2[2] << r8);
+}
+
 static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
                              uint32_t shift, uint8_t *output)
 {
-    uint32_t out_size = size - 2u, mask = (1u << lane) - 1u;
+    uint32_t out_size = size - 2u, mask = (1u << lane) - 1u, acc[BITNETMCU_MAX_PLANE - 2];
     for (uint32_t y = 0; y < out_size; y++, input += size) {
-        for (uint32_t x = 0; x < out_size; x++) {
-            const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
-            uint32_t acc = ((uint32_t)r0[0] << r[0]) + ((uint32_t)r0[1] << r[1]) + ((uint32_t)r0[2] << r[2])
-                         + ((uint32_t)r1[0] << r[3]) + ((uint32_t)r1[1] << r[4]) + ((uint32_t)r1[2] << r[5])
-                         + ((uint32_t)r2[0] << r[6]) + ((uint32_t)r2[1] << r[7]) + ((uint32_t)r2[2] << r[8]);
-            *output++ = requantize((int32_t)(acc & mask) - (int32_t)(acc >> lane) + bias, shift);
-        }
+        fp130_lane_row(input, size, r, acc, out_size);
+        for (uint32_t x = 0; x < out_size; x++)
+            *output++ = requantize((int32_t)(acc[x] & mask) - (int32_t)(acc[x] >> lane) + bias, shift);
     }
 }
 
