@@ -67,6 +67,29 @@ def test_every_type_exports_compiles_and_matches_on_10000_images(small_mnist, mn
         assert run.returncode == 0 and '200 images' in run.stdout and '0 mismatches' in run.stdout, run.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('conv_type', ['FP130', '4bitsym', '2bitsym', 'Ternary', '8bit'])
+def test_int8_activation_cnn_exports_and_matches_on_10000_images(small_mnist, mnist, run_dirs, tmp_path, conv_type):
+    """conv_activations int8: the trained convolutions compute exactly what the C kernels compute."""
+    path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=6, network_width3=0,
+                          conv_activations='int8', conv_QuantType=conv_type)
+    header = tmp_path / 'model.h'
+    assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
+    assert f'BitNetMCU_qconv3x3_{conv_type}(' in header.read_text()
+    net, _, _ = load_checkpoint(path)
+    int_model = to_int_model(net)
+    result = test_inference.verify(net, int_model, header, mnist, log=lambda *a: None)
+    assert result['n'] == 10000 and result['mismatches'] == 0 and result['c_acc'] > 0.2
+    # The float model's features (the input of the first linear layer) are the integer model's, exactly.
+    images = torch.from_numpy(result['images'][:500]).float()   # int8 with max|x| = 127: InputQuant keeps them
+    flatten = next(i for i, m in enumerate(net.layers) if isinstance(m, torch.nn.Flatten))
+    with torch.no_grad():
+        features = net.eval().layers[:flatten + 1](images.view(-1, 1, 16, 16))
+    stack = [op for op in int_model.ops if op.kind in ('qconv', 'maxpool')]
+    expected = reference_logits(type(int_model)(stack, int_model.num_classes), result['images'][:500])
+    assert np.array_equal(features.numpy().reshape(500, -1), expected.reshape(500, -1))
+
+
 def test_header_is_reproducible_byte_for_byte(small_mnist, run_dirs, tmp_path):
     path = short_training(small_mnist, run_dirs)
     for name in ('a.h', 'b.h'):
@@ -134,8 +157,9 @@ def test_bad_inputs_are_clear_errors_and_leave_no_header(small_mnist, run_dirs, 
      r"'None' \(float weights.*has no integer form"),
     (dict(NormType='LayerNorm'), r"'NormType': 'LayerNorm' subtracts a mean.*\(exportable: RMS, Lin\)", 'NormType LayerNorm'),
     (dict(WScale='PerOutput'), r"'WScale': 'PerOutput'.*\(exportable: PerTensor\)", 'WScale PerOutput'),
-    (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'), r"'conv_QuantType': 'FP130' has no int8 conv",
-     'int8 conv kernel')])
+    (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'),
+     r"'conv_QuantType': 'FP130' has no convolution kernel for conv_activations int32 \(exportable: Binary, Ternary, "
+     r"2bitsym, 4bitsym, 4bit, 8bit, NF4\)", 'int8 conv kernel')])
 def test_unexportable_models_are_refused_when_the_config_is_loaded(small_mnist, run_dirs, overrides, at_load, at_export):
     with pytest.raises(ConfigError, match=at_load + '.*set exportable: false'):
         short_training(small_mnist, run_dirs, **overrides)

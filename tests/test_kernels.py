@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
-from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, shiftnorm_relu
+from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, qconv3x3, shiftnorm_relu
 from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
@@ -115,6 +115,63 @@ def test_maxpool_and_argmax_match_python(engine, half, seed):
     assert np.array_equal(x.flatten()[:half * half], expected)
     ties = rng.integers(0, 3, 2 * half).astype(np.int32)   # many ties: the first maximum wins, as numpy
     assert lib.BitNetMCU_argmax(ffi.from_buffer('int32_t[]', ties), len(ties)) == int(np.argmax(ties))
+
+
+@st.composite
+def qconv_cases(draw):
+    """One channel's weights of a type (random, or every weight at the type's extremes, which for FP130 leaves no
+    room for its two lanes and takes the per-weight path), a plane of 0..127 or an image's 0..255 with offset."""
+    qtype = QUANT_TYPES[draw(st.sampled_from(EXPORTABLE_TYPES))]
+    size, shift, seed = draw(st.integers(3, 16)), draw(st.integers(0, 12)), draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    levels = qtype.int_levels
+    weights = draw(st.sampled_from(['random', 'extremes', 'largest']))
+    if weights == 'random':
+        w = rng.choice(levels, 9)
+    elif weights == 'extremes':
+        w = rng.choice([min(levels), max(levels)], 9)
+    else:
+        w = np.full(9, max(levels, key=abs))
+    offset = draw(st.sampled_from([0, -128, -19, 0, 5]))
+    top = 127 - offset if offset else 127
+    plane = rng.integers(0, top + 1, (size, size))
+    if draw(st.booleans()):
+        plane[:] = top
+    return qtype, np.asarray(w, np.int64), plane.astype(np.uint8), offset, shift
+
+
+@given(qconv_cases())
+def test_qconv_matches_python(engine, case):
+    """Every int8-activation conv kernel (FP130 in lanes and per weight) into another buffer and in place."""
+    ffi, lib = engine
+    qtype, w, plane, offset, shift = case
+    size = plane.shape[0]
+    _, expected = qconv3x3((plane.astype(np.int64) + offset)[None, None], w[None], shift)
+    words = pack_codes(qtype, w[None])[0]
+    kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
+    out = np.zeros((size - 2) ** 2, np.uint8)
+    kernel(ffi.from_buffer('uint8_t[]', plane), offset, size, ffi.from_buffer(words), shift,
+           ffi.from_buffer('uint8_t[]', out))
+    assert np.array_equal(out, expected.flatten())
+    inplace = plane.flatten().copy()
+    buf = ffi.from_buffer('uint8_t[]', inplace)
+    kernel(buf, offset, size, ffi.from_buffer(words), shift, buf)
+    assert np.array_equal(inplace[:(size - 2) ** 2], expected.flatten())
+
+
+@given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
+def test_unsigned_image_and_uint8_maxpool_match_python(engine, half, seed):
+    ffi, lib = engine
+    rng = np.random.default_rng(seed)
+    image = rng.integers(-128, 128, 256).astype(np.int8)
+    plane = np.zeros(256, np.uint8)
+    offset = lib.BitNetMCU_unsigned_image(ffi.from_buffer('int8_t[]', image), ffi.from_buffer('uint8_t[]', plane), 256)
+    assert offset == image.min() and np.array_equal(plane.astype(np.int64) + offset, image)
+    x = rng.integers(0, 128, (2 * half, 2 * half)).astype(np.uint8)
+    expected = maxpool2(x[None, None].astype(np.int64)).flatten()
+    buf = ffi.from_buffer('uint8_t[]', x)   # in place
+    lib.BitNetMCU_maxpool2_u8(buf, 2 * half, buf)
+    assert np.array_equal(x.flatten()[:half * half], expected)
 
 
 def test_ternary_packing_decodes_every_group():

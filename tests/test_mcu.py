@@ -1,5 +1,6 @@
 """The firmware: built for RV32EC with the cross-compiler, run on all test images in QEMU with exact
 instruction counts, checked for memory fit and for multiplies. Real tools, no mocks."""
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,30 @@ def test_wide_cnn_does_not_fit_ch32v003_but_fits_ch32v002(small_mnist, mnist, ru
     assert small.returncode != 0 and 'DOES NOT FIT' in small.stdout
     big = make(tmp_path, 'CH32V002', header, blob, 'size')
     assert big.returncode == 0 and ': fits' in big.stdout, big.stdout[-3000:] + big.stderr[-3000:]
+
+
+@pytest.mark.parametrize('conv_type', ['FP130', '4bitsym'])
+def test_int8_activation_cnn_is_multiplier_free_and_exact_on_ch32v003(small_mnist, mnist, run_dirs, tmp_path,
+                                                                      conv_type):
+    path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=4, network_width1=16,
+                          network_width2=16, network_width3=0, conv_activations='int8', conv_QuantType=conv_type,
+                          QuantType='4bitsym', fc1_QuantType='2bitsym')
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    run = make(tmp_path, 'CH32V003', header, blob, 'sim', 'size', 'nomul')
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert '10000 images' in run.stdout and ', 0 mismatches' in run.stdout and ': fits' in run.stdout
+    assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
+
+
+def test_64_wide_int8_activation_cnn_fits_the_ram_of_ch32v003(small_mnist, mnist, run_dirs, tmp_path):
+    """int8 planes: the 64-wide CNN that needs 2,148 bytes of stack with int32 planes fits in 2 KB."""
+    path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=64, network_width1=16,
+                          network_width2=16, network_width3=0, conv_activations='int8', conv_QuantType='FP130')
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    run = make(tmp_path, 'CH32V003', header, blob, 'size')
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ram = re.search(r'RAM (\d+) static \+ (\d+) peak stack = (\d+) of 2048 bytes: fits', run.stdout)
+    assert ram and int(ram.group(3)) <= 2048, run.stdout[-2000:]
 
 
 @pytest.mark.parametrize('offset,what', [(4, 'format version'), (16, 'model header fingerprint')])
