@@ -244,3 +244,32 @@ def test_training_logs_validation_accuracy(small_mnist, run_dirs):
     assert 0.5 < saved['metrics']['val_acc'] <= 1 and saved['metrics']['val_loss'] > 0
     header = (run_dirs / 'runs' / run_name(cfg) / 'metrics.csv').read_text().splitlines()[0]
     assert 'val_loss,val_acc' in header
+
+
+def test_keep_best_saves_the_best_validation_epoch(small_mnist, run_dirs):
+    cfg = config(num_epochs=3, validation_images=400, keep_best=True, augmentation=False, learning_rate=0.01)
+    saved = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
+    best = max(saved['history'], key=lambda m: (m['val_acc'], -m['epoch']))
+    assert saved['metrics'] == best and len(saved['history']) == 3
+    model = build_model(cfg, 10)
+    model.load_state_dict(saved['state_dict'])
+    val_x, val_y = training.split_validation(small_mnist, 400)[1]
+    assert training.evaluate(model, val_x, val_y, 'cpu')[1] == best['val_acc']   # the weights of that epoch
+    with pytest.raises(ConfigError, match="'keep_best': true needs a validation set.*validation_images"):
+        config(keep_best=True)
+
+
+def test_int8_activation_convolutions_choose_and_freeze_their_shift():
+    """act_shift brings the running quantile of the sums into 0..127; it moves only with update_clipping."""
+    model = build_model(config(model='CNNMNIST', cnn_width=4, conv_activations='int8', conv_QuantType='FP130'), 10)
+    conv = model.layers[1]
+    x = torch.randn(32, 1, 16, 16)
+    out = model.layers[:2](x)
+    assert out.min() >= 0 and out.max() <= 127 and torch.equal(out, out.round())
+    peak, shift = float(conv.act_peak), int(conv.act_shift)
+    assert peak > 0 and (shift == 0 or peak / 2 ** (shift - 1) > 127.5 >= peak / 2 ** shift)
+    conv.act_peak.fill_(peak * 64)
+    model.layers[:2](x)
+    assert int(conv.act_shift) == shift                # not within an epoch
+    conv.update_clipping()
+    assert int(conv.act_shift) > shift                 # at the next clipping update
