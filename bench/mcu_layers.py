@@ -1,6 +1,7 @@
 """Instructions per inference, layer by layer, of the image a user flashes, on the emulated chip.
 
     python bench/mcu_layers.py --checkpoint modeldata/zoo_....pth [--target CH32V003] [--ch32fun PATH]
+    python bench/mcu_layers.py --quick        # the original BitNetMCU's FC checkpoint from ../shared
     python bench/mcu_layers.py --elf mcu/build/CH32V003/firmware.elf      # an image built already (kernels
                                                                             # called once may be inside main)
 
@@ -69,7 +70,7 @@ def report(counts, images):
     kernels = sum(n for _, n in rows)
     print(f"{'#':>2s} {'kernel':34s} {'per inference':>14s} {'share':>6s}")
     for i, ((_, name), n) in enumerate(rows):
-        print(f"{i:2d} {name:34s} {n / images:14,.0f} {n / kernels:6.1%}")
+        print(f"{i:2d} {name.split('.')[0]:34s} {n / images:14,.0f} {n / kernels:6.1%}")   # no GCC clone suffix
     print(f"   {'all kernels':34s} {kernels / images:14,.0f}   ({images} images; the firmware's own loop, "
           f"{counts['outside'] / images:,.0f} per image, not counted)")
 
@@ -79,9 +80,12 @@ def main():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', help='export it, verify it, build its flashed image, profile it')
     source.add_argument('--elf', help='a flashed image built by make firmware')
+    source.add_argument('--quick', action='store_true', help="seconds: the original BitNetMCU's 4bitsym checkpoint")
     parser.add_argument('--target', default='CH32V003', choices=list(firmware.CHIPS))
     parser.add_argument('--ch32fun', default=str(DEFAULT_CH32FUN), help='the ch32fun SDK (default: %(default)s)')
     args = parser.parse_args()
+    if args.quick:
+        args.checkpoint = str(ROOT.parent / 'shared' / 'original-checkpoints' / 'fc_4bitsym_64_64_64_v02.pth')
     with tempfile.TemporaryDirectory() as tmp:
         elf = args.elf
         if args.checkpoint:

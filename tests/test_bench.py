@@ -10,7 +10,7 @@ BENCHES = sorted((ROOT / 'bench').glob('*.py'))
 
 
 def test_every_bench_is_covered():
-    assert {b.stem for b in BENCHES} == {'mcu_cycles', 'train_speed', 'verify_speed'}
+    assert {b.stem for b in BENCHES} == {'mcu_cycles', 'mcu_layers', 'train_speed', 'verify_speed'}
 
 
 @pytest.mark.slow
@@ -20,5 +20,5 @@ def test_bench_runs_in_quick_mode(bench):
     out = subprocess.run([sys.executable, str(bench), '--quick'], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     expected = {'train_speed': 'FC 4bitsym 64/64/64', 'verify_speed': '0 mismatches',
-                'mcu_cycles': 'original 4bitsym v0.2, input-major'}[bench.stem]
+                'mcu_cycles': 'original 4bitsym v0.2, input-major', 'mcu_layers': 'all kernels'}[bench.stem]
     assert expected in out.stdout, out.stdout[-2000:]
