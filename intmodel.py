@@ -142,14 +142,14 @@ def conv3x3_relu(x, weights, shift):
 
 def qconv3x3(x, weights, shift):
     """Per-channel 3x3 conv with int8 activations, as BitNetMCU_qconv3x3_*(): (sums, requantized outputs).
-    float32 convolution is exact here (every sum is an integer far below 2^24), checked before rounding."""
-    xt = torch.from_numpy(x.astype(np.float32))
+    x is a float32 tensor of integers; float32 is exact here (7-bit planes, the image 8 bits, times weights
+    of at most 128, nine of them: below 2^24), checked."""
     k = torch.from_numpy(weights.astype(np.float32)).reshape(-1, 1, 3, 3)
-    acc = torch.nn.functional.conv2d(xt, k, groups=x.shape[1] if x.shape[1] > 1 else 1).numpy()
-    sums = np.rint(acc).astype(np.int64)
-    if np.abs(acc - sums).max(initial=0) > 0.25:
-        raise ExportError("the float32 convolution was not exact; the sums are too large for this reference")
-    return sums, np.clip((sums + ((1 << shift) >> 1)) >> shift, 0, 127)
+    acc = torch.nn.functional.conv2d(x, k, groups=x.shape[1] if x.shape[1] > 1 else 1)
+    sums = acc.round()
+    if float((acc - sums).abs().max()) > 0.25 or float(sums.abs().max()) >= 2 ** 24:
+        raise ExportError("the float32 convolution of the reference was not exact")
+    return sums, torch.floor((sums + ((1 << shift) >> 1)) / 2 ** shift).clamp(0, 127)
 
 
 def maxpool2(x):
@@ -158,20 +158,19 @@ def maxpool2(x):
 
 
 INT32_MAX = 2 ** 31 - 1
-REFERENCE_BATCH = 2000   # images per pass of an int8-activation CNN through the reference
+REFERENCE_BATCH = 2000   # images per pass of a CNN through the reference
 
 
 def reference_logits(int_model, images_int8):
     """The integer reference engine: int8 images (N, 256) -> logits (N, classes), batch-wise, bit-exact with
     the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
-    x = np.asarray(images_int8, dtype=np.int64)
+    x, ops = np.asarray(images_int8, dtype=np.int64), int_model.ops
     size = int_model.input_size
-    if any(op.kind == 'qconv' for op in int_model.ops) and len(x) > REFERENCE_BATCH:   # bounded memory
-        return np.concatenate([reference_logits(int_model, x[i:i + REFERENCE_BATCH])
-                               for i in range(0, len(x), REFERENCE_BATCH)])
-    if any(op.kind in ('conv', 'qconv') for op in int_model.ops):
+    if any(op.kind == 'qconv' for op in ops):
+        x, ops = _int8_stack(int_model, x), [op for op in ops if op.kind not in ('qconv', 'maxpool')]
+    elif any(op.kind == 'conv' for op in ops):
         x = x.reshape(len(x), 1, size, size)
-    for op in int_model.ops:
+    for op in ops:
         if op.kind == 'fc':
             x = fc(x.reshape(len(x), -1), op.weights)
         elif op.kind == 'shiftnorm':
@@ -179,13 +178,25 @@ def reference_logits(int_model, images_int8):
         elif op.kind == 'conv':
             acc, x = conv3x3_relu(x, op.weights, op.shift)
             _check_int32(acc, op)
-        elif op.kind == 'qconv':
-            acc, x = qconv3x3(x, op.weights, op.shift)
-            _check_int32(acc, op)
         elif op.kind == 'maxpool':
             x = maxpool2(x)
         _check_int32(x, op)
     return x
+
+
+def _int8_stack(int_model, images):
+    """The int8-activation convolutions and poolings in float32 torch (exact integers), a batch at a time:
+    (N, features) int64."""
+    size, out = int_model.input_size, []
+    for i in range(0, len(images), REFERENCE_BATCH):
+        x = torch.from_numpy(images[i:i + REFERENCE_BATCH].astype(np.float32)).reshape(-1, 1, size, size)
+        for op in int_model.ops:
+            if op.kind == 'qconv':
+                _, x = qconv3x3(x, op.weights, op.shift)
+            elif op.kind == 'maxpool':
+                x = torch.nn.functional.max_pool2d(x, 2)
+        out.append(x.reshape(len(x), -1).numpy().astype(np.int64))
+    return np.concatenate(out)
 
 
 def _check_int32(x, op):
