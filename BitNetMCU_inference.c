@@ -416,7 +416,7 @@ SPECIALIZE void qconv(const uint8_t *input, int32_t offset, uint32_t size, const
     uint32_t r[9], lane;
     channel_weights(weights, w, t);
     int32_t bias = conv_bias(w, offset, shift);
-    if (t == FP130 && (lane = fp130_lanes(w, (uint32_t)(127 - offset), r)) != 0u)
+    if (t == FP130 && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(w, (uint32_t)(127 - offset), r)) != 0u)
         conv_fp130_lanes(input, bias, size, r, lane, shift, output);
     else
         conv_weights(input, bias, size, w, shift, output);

@@ -95,7 +95,7 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
  * per weight.
  */
-#define BITNETMCU_MAX_PLANE 32   /* the widest plane (size) the int8-activation convolutions take */
+#define BITNETMCU_MAX_PLANE 32   /* FP130's lane kernel takes planes up to this size (wider: per weight) */
 #define BITNETMCU_QCONV_KERNEL(name)                                                                    \
     void name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
               uint8_t *output)
