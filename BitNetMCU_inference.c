@@ -251,19 +251,23 @@ uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t
 BITNETMCU_CONV3X3(BitNetMCU_conv3x3_relu, int32_t)
 BITNETMCU_CONV3X3(BitNetMCU_conv3x3_relu_image, int8_t)
 
-void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output)
-{
-    /* Output i is written after inputs 0 .. 2i have been read, so output may be the input itself. */
-    for (uint32_t y = 0; y < size; y += 2u, input += 2u * size) {
-        for (uint32_t x = 0; x < size; x += 2u) {
-            int32_t m = input[x];
-            if (input[x + 1u] > m) m = input[x + 1u];
-            if (input[size + x] > m) m = input[size + x];
-            if (input[size + x + 1u] > m) m = input[size + x + 1u];
-            *output++ = m;
-        }
+/* 2x2 max pooling of int32 and of uint8 planes. Output i is written after inputs 0 .. 2i have been read, so
+ * output may be the input itself. */
+#define BITNETMCU_MAXPOOL2(name, type)                                            \
+    void name(const type *input, uint32_t size, type *output)                     \
+    {                                                                             \
+        for (uint32_t y = 0; y < size; y += 2u, input += 2u * size) {             \
+            for (uint32_t x = 0; x < size; x += 2u) {                             \
+                type m = input[x];                                                \
+                if (input[x + 1u] > m) m = input[x + 1u];                         \
+                if (input[size + x] > m) m = input[size + x];                     \
+                if (input[size + x + 1u] > m) m = input[size + x + 1u];           \
+                *output++ = m;                                                    \
+            }                                                                     \
+        }                                                                         \
     }
-}
+BITNETMCU_MAXPOOL2(BitNetMCU_maxpool2, int32_t)
+BITNETMCU_MAXPOOL2(BitNetMCU_maxpool2_u8, uint8_t)
 
 uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n)
 {
@@ -284,19 +288,6 @@ int32_t BitNetMCU_unsigned_image(const int8_t *image, uint8_t *plane, uint32_t n
         if (image[i] < min) min = image[i];
     for (uint32_t i = 0; i < n; i++) plane[i] = (uint8_t)(image[i] - min);
     return min;
-}
-
-void BitNetMCU_maxpool2_u8(const uint8_t *input, uint32_t size, uint8_t *output)
-{
-    for (uint32_t y = 0; y < size; y += 2u, input += 2u * size) {
-        for (uint32_t x = 0; x < size; x += 2u) {
-            uint32_t m = input[x];
-            if (input[x + 1u] > m) m = input[x + 1u];
-            if (input[size + x] > m) m = input[size + x];
-            if (input[size + x + 1u] > m) m = input[size + x + 1u];
-            *output++ = (uint8_t)m;
-        }
-    }
 }
 
 /* The 9 weights of one channel as integers (times_code(1, code) folds to the level of the code). */

@@ -133,6 +133,23 @@ def buffer_plan(int_model, packed):
             'act': act}
 
 
+def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=None):
+    """The kernel calls that run channel c through the conv/pool stack, in place in `scratch`, into `last`.
+    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's)."""
+    lines, k = [], 0
+    for i, op in enumerate(stack):
+        dst = last if i == len(stack) - 1 else scratch
+        if op.kind == 'maxpool':
+            lines.append(f"        {pool}({src}, {size}u, {dst});")
+            size //= 2
+        else:
+            offset = '' if first_offset is None else f"{first_offset if k == 0 else '0'}, "
+            lines.append(f"        {convs[k][1].kernel}({src}, {offset}{size}u, w{k}, {op.shift}u, {dst});")
+            size, k = size - 2, k + 1
+        src = dst
+    return lines
+
+
 def int8_stack_lines(int_model, plan, stack, convs):
     """Buffers and the int8-plane stack: every channel in turn runs through all of it, so one channel's
     plane is all the RAM the convolutions need."""
@@ -146,17 +163,9 @@ def int8_stack_lines(int_model, plan, stack, convs):
     lines += [f"    const {ctype[layer.words.dtype.type]} *w{k} = {array_name(index)};" for k, (index, layer) in enumerate(convs)]
     lines.append(f"    for (uint32_t c = 0; c < {convs[0][1].op.weights.shape[0]}u; c++"
                  + ''.join(f", w{k} += {layer.words.shape[1]}" for k, (_, layer) in enumerate(convs)) + ") {")
-    src, k, final = 'ram.conv.image', 0, plan['final_size'] ** 2
-    for i, op in enumerate(stack):
-        dst = f"(uint8_t *)features + {final}u * c" if i == len(stack) - 1 else 'ram.conv.plane'
-        if op.kind == 'qconv':
-            offset = 'offset' if k == 0 else '0'
-            lines.append(f"        {convs[k][1].kernel}({src}, {offset}, {size}u, w{k}, {op.shift}u, {dst});")
-            size, k = size - 2, k + 1
-        else:
-            lines.append(f"        BitNetMCU_maxpool2_u8({src}, {size}u, {dst});")
-            size //= 2
-        src = dst
+    lines += channel_calls(size, stack, convs, 'ram.conv.image', 'ram.conv.plane',
+                           f"(uint8_t *)features + {plan['final_size'] ** 2}u * c", 'BitNetMCU_maxpool2_u8',
+                           first_offset='offset')
     return lines + ["    }"]
 
 
@@ -177,16 +186,7 @@ def int32_stack_lines(int_model, plan, stack, convs):
               f"    for (uint32_t c = 0; c < {channels}u; c++, "
               + ''.join(f"w{k} += 9, " for k in range(len(convs)))
               + f"feature += {plan['final_size'] ** 2}) {{"]
-    size, src, k = int_model.input_size, 'input', 0
-    for i, op in enumerate(stack):
-        dst = 'feature' if i == len(stack) - 1 else 'scratch'
-        if op.kind == 'conv':
-            lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
-            size, k = size - 2, k + 1
-        else:
-            lines.append(f"        BitNetMCU_maxpool2({src}, {size}u, {dst});")
-            size //= 2
-        src = dst
+    lines += channel_calls(int_model.input_size, stack, convs, 'input', 'scratch', 'feature', 'BitNetMCU_maxpool2')
     return lines + ["    }"], 'features', plan['features']
 
 
