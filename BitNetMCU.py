@@ -129,6 +129,7 @@ class QuantType:
     original_quantscale: Optional[float] = None   # the original BitNetMCU's s-less (v0.2a) checkpoints: its fixed
                                      # quantscale for this type (None: the configured maxw_quantscale)
     original_s_factor: float = 1.0   # our s = the original's s x this (FP130: 4/3 turns its floor into our rounding)
+    multiplier_free: bool = True     # its fully connected kernels never multiply (the CH32V003 has no multiplier)
     description: str = ''
 
     @property
@@ -159,14 +160,14 @@ QUANT_TYPES = {q.name: q for q in [
               description="two's complement -8 .. 7"),
     QuantType(name='8bit', bits=8, levels=tuple(range(-128, 128)), quantize=_quant_twos_complement(128),
               octav_bits=8, encode=_twos_complement(8), kernels=_fc_kernels('8bit'), conv_shift=7,
-              description="two's complement -128 .. 127"),
+              multiplier_free=False, description="two's complement -128 .. 127"),
     QuantType(name='FP130', bits=4, levels=tuple(sign * 2 ** e for sign in (-1, 1) for e in range(8)),
               quantize=_quant_fp130, octav_bits=4, encode=_sign_magnitude(4, lambda m: np.log2(m).round()),
               kernels=_fc_kernels('FP130'), original_s_factor=4 / 3, description='sign x 2^e, e in 0..7, shifts only'),
     QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_nf4, octav_bits=4,
-              encode=_nf4_index, kernels=_fc_kernels('NF4'), conv_shift=7,
+              encode=_nf4_index, kernels=_fc_kernels('NF4'), conv_shift=7, multiplier_free=False,
               description='NormalFloat4 levels (rounded to int8) times s'),
-    QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8,
+    QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8, multiplier_free=False,
               description='float weights, for comparison only (not exportable)'),
 ]}
 EXPORTABLE_TYPES = [q.name for q in QUANT_TYPES.values() if q.exportable]

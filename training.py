@@ -47,6 +47,10 @@ class Diverged(RuntimeError):
     """The loss stopped being a finite number; the message says where and what usually cures it."""
 
 
+class RunBusy(ConfigError):
+    """Another process is training this exact config now."""
+
+
 def pick_device(cfg):
     if cfg['device'] == 'cuda' and not torch.cuda.is_available():
         raise ConfigError("config key 'device': 'cuda' was asked for but no CUDA device is available; "
@@ -84,17 +88,21 @@ def epoch_generator(cfg, epoch):
 VALIDATION_SPLIT_SEED = 20240414   # one split for every run: validation figures of different seeds compare
 
 
-def split_validation(data, n):
-    """(training data without the held-out images, validation images and labels): the last n of a fixed
-    permutation of the training set, so the split never depends on the run's seed."""
-    if n == 0:
-        return data, None
-    total = len(data['train_y'])
+def validation_indices(total, n):
+    """(kept, held-out) indices of a training set of `total` images: the held-out ones are the last n of a
+    fixed permutation, so the split never depends on the run's seed."""
     if n >= total:
         raise ConfigError(f"config key 'validation_images': {n} leaves no training images (the {total} of the "
                           f"dataset); use fewer, e.g. {total // 6}")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
-    keep, held = order[:-n].sort().values, order[-n:].sort().values
+    return order[:-n].sort().values, order[-n:].sort().values
+
+
+def split_validation(data, n):
+    """(training data without the held-out images, the normalized validation images and their labels)."""
+    if n == 0:
+        return data, None
+    keep, held = validation_indices(len(data['train_y']), n)
     train = {**data, **{key: data[key][keep] for key in ('train_x28', 'train_x16', 'train_y')}}
     return train, (normalize(data['train_x16'][held]), data['train_y'][held])
 
@@ -304,7 +312,7 @@ class Run:
         return self.history[-1]['epoch'] if self.history else 0
 
 
-def start_run(cfg, resume, restart, num_classes, log):
+def start_run(cfg, resume, restart, num_classes, log, runs_dir=None, model_dir=None):
     """A fresh run, or the interrupted one of this config (resume): every epoch's checkpoint holds the
     model, optimizer, weight average and history."""
     name = run_name(cfg)
@@ -315,7 +323,7 @@ def start_run(cfg, resume, restart, num_classes, log):
     model = model.to(device)
     average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
     run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
-              load_teacher(cfg, device), average, RUNS_DIR / name, MODEL_DIR / f'{name}.pth')
+              load_teacher(cfg, device), average, (runs_dir or RUNS_DIR) / name, (model_dir or MODEL_DIR) / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
         if not resume:
             raise ConfigError(f"{run.checkpoint_path} holds an unfinished run of this config; pass --resume to "
@@ -349,7 +357,7 @@ def lock_run(run_dir):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ConfigError(f"another process is training this config now ({run_dir}); wait for it to finish, "
+            raise RunBusy(f"another process is training this config now ({run_dir}); wait for it to finish, "
                               "or stop it first") from None
     return handle
 
@@ -426,11 +434,13 @@ def save_model(run, num_classes, log):
     return run.model_path
 
 
-def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None):
-    """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt."""
+def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=None, runs_dir=None, model_dir=None):
+    """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt.
+    on_epoch_end(metrics) is called after each epoch is kept; runs_dir and model_dir replace runs/ and
+    modeldata/."""
     data, validation = split_validation(data or load_dataset(cfg['dataset'], log=log), cfg['validation_images'])
-    with lock_run(RUNS_DIR / run_name(cfg)):   # held from start to end, however the run ends
-        run = start_run(cfg, resume, restart, data['num_classes'], log)
+    with lock_run((runs_dir or RUNS_DIR) / run_name(cfg)):   # held from start to end, however the run ends
+        run = start_run(cfg, resume, restart, data['num_classes'], log, runs_dir, model_dir)
         return train_epochs(run, data, validation, log, on_epoch_end)
 
 
@@ -454,7 +464,7 @@ def train_epochs(run, data, validation, log, on_epoch_end):
                                f"a smaller learning_rate usually cures it. {kept}; no model was written") from None
             record_epoch(run, metrics, writer, log)
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1)
+                on_epoch_end(metrics)
         return save_model(run, data['num_classes'], log)
     except KeyboardInterrupt:
         log(f"\nInterrupted. {run.epochs_done} epoch(s) are saved in {run.checkpoint_path}; continue with the "

@@ -101,7 +101,8 @@ def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers)
     reference = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
     (run_dirs / 'modeldata').rename(run_dirs / 'first')
 
-    def interrupt(epoch):
+    def interrupt(metrics):
+        assert metrics['epoch'] == 1
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         training.train(cfg, data=small_mnist, log=lambda *a: None, on_epoch_end=interrupt)
