@@ -6,9 +6,10 @@ PYTHON ?= python3
 # or install your own torch into .venv first (it is kept).
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
-# command or file:Debian package, for the C checks, the emulated firmware and the ch32fun build (newlib headers)
+# command or file:Debian package, for the C checks, the emulated firmware, the ch32fun build (newlib headers)
+# and the sweep tests on a database server
 APT_TOOLS := clang:clang riscv64-unknown-elf-gcc:gcc-riscv64-unknown-elf qemu-system-riscv32:qemu-system-misc \
-             /usr/include/newlib/stdio.h:libnewlib-dev
+             /usr/include/newlib/stdio.h:libnewlib-dev pg_ctlcluster:postgresql
 PY := $(VENV)/bin/python
 PARAMS ?= trainingparameters.yaml
 DATA_STAMP := data/cache/MNIST.pt
