@@ -433,6 +433,9 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
         taken = len(study.get_trials(deepcopy=False, states=finished + (TrialState.RUNNING,)))
         if taken >= sweep['trials']:
             return study
+        if counts(study)['failed'] >= sweep['trials']:
+            raise SweepError(f"{counts(study)['failed']} trials failed (diverged, or could not be exported): "
+                             "look at the base config and the search space (e.g. a smaller learning rate)")
         study.optimize(objective, n_trials=1, callbacks=[after], catch=(Diverged, ExportError))
 
 

@@ -7,8 +7,9 @@ mcu/models/<name>.h, verify C against Python on all 10,000 test images (0 mismat
 run the firmware on emulated CH32V003 and CH32V002 cores (instructions per inference), link it for
 the chip (flash, stack), and write one table beside the original BitNetMCU's published figures.
 The flashable image of every model is built for both chips with the ch32fun SDK (../shared/ch32fun/ch32fun, or
-CH32FUN=<clone>/ch32fun) and checked on the emulated chip. Plots: accuracy against weight bytes (docs/accuracy_vs_size.png) and the training curves of each
-zoo model (docs/training_curves.png).
+CH32FUN=<clone>/ch32fun) and checked on the emulated chip. Plots: accuracy against weight bytes
+(docs/accuracy_vs_size.png), against instructions per inference on each model's target chip
+(docs/accuracy_vs_instructions.png), and the training curves of each zoo model (docs/training_curves.png).
 """
 import sys
 import tempfile
@@ -36,7 +37,13 @@ ORIGINAL = {
     'fc_nf4_64x3': ('FC NF4 64/64/64', None, None, '>= 99.1 %'),
     'cnn64_2bit_96x64': ('CNN 64 wide, 2-bit fc1 (needs multiply)', 99.55, 11.0, '>= 99.55 % at <= 11.0 KB'),
     'cnn16_small': ('CNN 16 wide, small', 98.92, 3.2, '>= 99.0 % at <= 3.2 KB'),
+    'cnn_v003': ('CNN 64 wide, FP130 convs, int8 planes, multiplier-free', None, None,
+                 '>= 99.50 % on CH32V003, <= 1 M instr.'),
 }
+# The chip each model is made for: the CH32V003 (no multiplier, 2 KB RAM) unless it multiplies or needs
+# more RAM; then the CH32V002 (a multiplier, 4 KB RAM).
+TARGET = {name: 'CH32V002' if name in ('fc_nf4_64x3', 'cnn64_2bit_96x64', 'cnn16_small') else 'CH32V003'
+          for name in ORIGINAL}
 
 
 def measure(name, data, work):
@@ -95,6 +102,22 @@ def plots(rows):
     fig.tight_layout()
     fig.savefig(DOCS / 'accuracy_vs_size.png', dpi=120)
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for chip, marker in (('CH32V003', 'o'), ('CH32V002', '^')):
+        mine = [row for row in rows if TARGET[row['name']] == chip]
+        ax.scatter([row[chip]['mean'] for row in mine], [100 * row['c'] for row in mine], marker=marker,
+                   label=f"made for the {chip} (instructions there)")
+        for row in mine:
+            ax.annotate(ORIGINAL[row['name']][0].split(',')[0], (row[chip]['mean'], 100 * row['c']), fontsize=7,
+                        xytext=(4, 3), textcoords='offset points')
+    ax.set_xscale('log')
+    ax.set_xlabel('instructions per inference on the emulated target chip (mean over the test set)')
+    ax.set_ylabel('MNIST test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(DOCS / 'accuracy_vs_instructions.png', dpi=120)
+    plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
         history = row['history']
@@ -129,23 +152,28 @@ def markdown(rows):
              "Weight bytes count the weights alone, as the original project's figures do (its sizes are",
              "the KB figures it published). Zoo models were trained with OMP_NUM_THREADS=1:",
              "`OMP_NUM_THREADS=1 python training.py --params configs/<name>.yaml` reproduces them.", "",
-             "| model | epochs | float | integer (C) | C vs Python mismatches | weight bytes | original | "
-             "target | V003 instr./inference | V002 instr./inference | V003 flash | stack | flashed image, CH32V003 | "
-             "flashed image, CH32V002 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | target chip: fits, RAM, instr./inference | epochs | float | integer (C) | "
+             "C vs Python mismatches | weight bytes | original | target | V003 instr./inference | "
+             "V002 instr./inference | V003 flash | stack | flashed image, CH32V003 | flashed image, CH32V002 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         what, acc, size, target = ORIGINAL[row['name']]
         original = f"{acc:.2f} % at {size} KB" if acc is not None else '-'
         v3, v2 = row['CH32V003'], row['CH32V002']
         flash = f"{v3['flash']}" if v3['fits'] else ('does not fit; fits V002' if v2['fits'] else
                                                      'fits neither (RAM)')
-        lines.append(f"| {what} | {row['epochs']} | {100 * row['float']:.2f} % | {100 * row['c']:.2f} % | "
+        chip = TARGET[row['name']]
+        image = row[chip]['image']
+        on_target = (f"{chip}: fits, {image['ram']:,} B RAM, {row[chip]['mean']:,.0f}" if image['fits'] else
+                     f"{chip}: does not fit")
+        lines.append(f"| {what} | {on_target} | {row['epochs']} | {100 * row['float']:.2f} % | {100 * row['c']:.2f} % | "
                      f"{row['mismatches']} | {row['weights']} | {original} | {target} | {v3['mean']:,.0f} | "
                      f"{v2['mean']:,.0f} | {flash} | {v3['stack']} | {image_cell(v3['image'])} | "
                      f"{image_cell(v2['image'])} |")
     lines += ["", "The flashed image (`make -C mcu firmware`, built with ch32fun, three test images): flash bytes and RAM "
               "(static + the stack measured on the emulated chip), or why it cannot go on that chip."]
     lines += ["", "![accuracy vs weight size](accuracy_vs_size.png)", "",
+              "![accuracy vs instructions](accuracy_vs_instructions.png)", "",
               "![training curves](training_curves.png)", ""]
     return '\n'.join(lines)
 
