@@ -12,8 +12,10 @@ const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
  * (and a multiplier-free type never links a multiply). */
 #if defined(__GNUC__)
 #define SPECIALIZE static inline __attribute__((always_inline))
+#define NOINLINE __attribute__((noinline))
 #else
 #define SPECIALIZE static inline
+#define NOINLINE
 #endif
 #define BITNETMCU_ENUM(name, id, log2_bits) id,
 enum qtype { BITNETMCU_FC_TYPES(BITNETMCU_ENUM) };
@@ -347,48 +349,72 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
  * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
  * is low minus high: one shift and one add per weight, with no sign to test. `lane` is the fewest bits that
- * hold the largest possible positive sum; returns 0 (use conv_weights) when the negative one does not fit
- * in the bits left. */
-static uint32_t fp130_lanes(const int32_t w[9], uint32_t max_input, uint32_t r[9])
+ * hold the largest possible positive sum. Reads the channel's codes (bit 3 the sign, bits 0-2 e) and writes
+ * the nine shift amounts; returns 0 (use conv_weights) when the negative sum does not fit in the bits left. */
+static uint32_t fp130_lanes(const uint32_t *codes, uint32_t max_input, uint32_t r[9])
 {
-    uint32_t positive = 0, negative = 0, lane = 0;
+    uint32_t positive = 0, negative = 0, lane = 0, word = 0, left = 0;
     for (uint32_t i = 0; i < 9u; i++) {
-        if (w[i] > 0) positive += (uint32_t)w[i];
-        else negative += (uint32_t)-w[i];
+        if (left == 0) {
+            word = *codes++;
+            left = 32;
+        }
+        left -= 4u;
+        r[i] = (word >> left) & 15u;
+        if (r[i] & 8u) negative += 1u << (r[i] & 7u);
+        else positive += 1u << (r[i] & 7u);
     }
     uint32_t max_positive = (uint32_t)times_small((int32_t)max_input, (int32_t)positive);
     uint32_t max_negative = (uint32_t)times_small((int32_t)max_input, (int32_t)negative);
     while (lane < 32u && (max_positive >> lane) != 0u) lane++;
     if (lane == 0u || lane >= 32u || (max_negative >> (32u - lane)) != 0u)
         return 0;
-    for (uint32_t i = 0; i < 9u; i++) {
-        uint32_t magnitude = (uint32_t)(w[i] < 0 ? -w[i] : w[i]), e = 0;
-        while ((1u << e) < magnitude) e++;
-        r[i] = w[i] < 0 ? e + lane : e;
-    }
+    for (uint32_t i = 0; i < 9u; i++)
+        r[i] = (r[i] & 7u) + ((r[i] & 8u) ? lane : 0u);
     return lane;
 }
 
-/* One output row's lane sums. The nine shift amounts are plain locals so that the compiler can keep them in
- * registers: per weight a load, a shift and an add. */
-static void fp130_lane_row(const uint8_t *p0, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+/* One output row's lane sums, two outputs per pass. With the plane
+ * size a constant the three input rows are offsets of one pointer, which leaves RV32E's registers to the
+ * nine shift amounts: per weight a load, a shift and an add. */
+SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
     const uint32_t r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5], r6 = r[6], r7 = r[7], r8 = r[8];
-    const uint8_t *p1 = p0 + size, *p2 = p1 + size;
-    for (uint32_t *end = acc + n; acc != end; acc++, p0++, p1++, p2++)
-        *acc = ((uint32_t)p0[0] << r0) + ((uint32_t)p0[1] << r1) + ((uint32_t)p0[2] << r2)
-             + ((uint32_t)p1[0] << r3) + ((uint32_t)p1[1] << r4) + ((uint32_t)p1[2] << r5)
-             + ((uint32_t)p2[0] << r6) + ((uint32_t)p2[1] << r7) + ((uint32_t)p2[2] << r8);
+    const uint32_t s2 = size + size;
+#define BITNETMCU_LANE_SUM(q)                                                                                \
+    (((uint32_t)(q)[0] << r0) + ((uint32_t)(q)[1] << r1) + ((uint32_t)(q)[2] << r2)                          \
+     + ((uint32_t)(q)[size] << r3) + ((uint32_t)(q)[size + 1u] << r4) + ((uint32_t)(q)[size + 2u] << r5)     \
+     + ((uint32_t)(q)[s2] << r6) + ((uint32_t)(q)[s2 + 1u] << r7) + ((uint32_t)(q)[s2 + 2u] << r8))
+    for (; n >= 2u; n -= 2u, acc += 2, p += 2) {
+        acc[0] = BITNETMCU_LANE_SUM(p);
+        acc[1] = BITNETMCU_LANE_SUM(p + 1);
+    }
+    if (n)
+        acc[0] = BITNETMCU_LANE_SUM(p);
+#undef BITNETMCU_LANE_SUM
+}
+
+/* Lane sums to requantized outputs: its own function, so that its five constants stay in registers. */
+static NOINLINE void fp130_requantize_row(const uint32_t *acc, uint32_t n, uint32_t lane, int32_t bias,
+                                          uint32_t shift, uint8_t *output)
+{
+    uint32_t mask = (1u << lane) - 1u;
+    for (const uint32_t *end = acc + n; acc != end; acc++)
+        *output++ = requantize((int32_t)(*acc & mask) - (int32_t)(*acc >> lane) + bias, shift);
 }
 
 static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
                              uint32_t shift, uint8_t *output)
 {
-    uint32_t out_size = size - 2u, mask = (1u << lane) - 1u, acc[BITNETMCU_MAX_PLANE - 2];
-    for (uint32_t y = 0; y < out_size; y++, input += size) {
-        fp130_lane_row(input, size, r, acc, out_size);
-        for (uint32_t x = 0; x < out_size; x++)
-            *output++ = requantize((int32_t)(acc[x] & mask) - (int32_t)(acc[x] >> lane) + bias, shift);
+    uint32_t out_size = size - 2u, acc[BITNETMCU_MAX_PLANE - 2];
+    for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
+        switch (size) {   /* the sizes of the 16x16 models' planes as constants; others generic */
+        case 16: fp130_lane_row(input, 16, r, acc, 14); break;
+        case 14: fp130_lane_row(input, 14, r, acc, 12); break;
+        case 6: fp130_lane_row(input, 6, r, acc, 4); break;
+        default: fp130_lane_row(input, size, r, acc, out_size); break;
+        }
+        fp130_requantize_row(acc, out_size, lane, bias, shift, output);
     }
 }
 
@@ -407,7 +433,7 @@ SPECIALIZE void qconv(const uint8_t *input, int32_t offset, uint32_t size, const
     uint32_t r[9], lane;
     channel_weights(weights, w, t);
     int32_t bias = conv_bias(w, offset, shift);
-    if (t == FP130 && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(w, (uint32_t)(127 - offset), r)) != 0u)
+    if (t == FP130 && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(weights, (uint32_t)(127 - offset), r)) != 0u)
         conv_fp130_lanes(input, bias, size, r, lane, shift, output);
     else
         conv_weights(input, bias, size, w, shift, output);

@@ -161,6 +161,26 @@ def test_qconv_matches_python(engine, case):
     assert np.array_equal(inplace[:(size - 2) ** 2], expected.flatten())
 
 
+@pytest.mark.parametrize('size', [3, 4, 5, 6, 7, 14, 16, 31, 32, 33])
+def test_fp130_qconv_at_every_kind_of_plane_size(engine, size):
+    """The FP130 lane kernel has row loops for the sizes of the 16x16 models' planes (16, 14, 6), a generic one,
+    two outputs a pass with an odd one left over, and the per-weight path above BITNETMCU_MAX_PLANE."""
+    ffi, lib = engine
+    rng = np.random.default_rng(size)
+    qtype = QUANT_TYPES['FP130']
+    for trial in range(20):
+        w = rng.choice([-8, -4, -2, -1, 1, 2, 4, 8, 16, 32], 9)
+        offset = int(rng.choice([0, -19]))
+        plane = rng.integers(0, 128 - offset, (size, size)).astype(np.uint8)
+        shift = int(rng.integers(0, 9))
+        _, expected = qconv3x3(torch.from_numpy((plane.astype(np.float32) + offset)[None, None]), w[None], shift)
+        out = np.zeros((size - 2) ** 2, np.uint8)
+        lib.BitNetMCU_qconv3x3_FP130(ffi.from_buffer('uint8_t[]', plane), offset, size,
+                                     ffi.from_buffer(pack_codes(qtype, w[None])[0]), shift,
+                                     ffi.from_buffer('uint8_t[]', out))
+        assert np.array_equal(out, expected.numpy().astype(np.uint8).flatten()), (trial, w, offset, shift)
+
+
 @given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
 def test_unsigned_image_and_uint8_maxpool_match_python(engine, half, seed):
     ffi, lib = engine
