@@ -323,26 +323,41 @@ SPECIALIZE int32_t times_weight(int32_t weight, uint32_t log2, int32_t input)
     return times_small(weight, input);
 }
 
-/* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
- * a later output still reads: in place works. */
-static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
-                         uint8_t *output)
+/* Output row y's columns to compute, [*lo, *hi): the extent's, or all of them without one. */
+SPECIALIZE void row_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
 {
-    uint32_t out_size = size - 2u, log2[9];
+    *lo = extent ? extent[2u * y] : 0u;
+    *hi = extent ? extent[2u * y + 1u] : n;
+}
+
+SPECIALIZE void fill_bytes(uint8_t *out, uint32_t n, uint8_t value)
+{
+    for (uint8_t *end = out + n; out != end; out++) *out = value;
+}
+
+/* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
+ * a later output still reads: in place works. Outside the extent the output is `fill`. */
+static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
+                         uint8_t *output, const uint8_t *extent, uint8_t fill)
+{
+    uint32_t out_size = size - 2u, log2[9], lo, hi;
     for (uint32_t i = 0; i < 9u; i++) {   /* 32: not a power of two */
         uint32_t magnitude = (uint32_t)(w[i] < 0 ? -w[i] : w[i]), e = 0;
         while (e < 31u && (1u << e) < magnitude) e++;
         log2[i] = (1u << e) == magnitude ? e : 32u;
     }
-    for (uint32_t y = 0; y < out_size; y++, input += size) {
-        for (uint32_t x = 0; x < out_size; x++) {
+    for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
+        row_extent(extent, y, out_size, &lo, &hi);
+        fill_bytes(output, lo, fill);
+        for (uint32_t x = lo; x < hi; x++) {
             const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
             int32_t sum = bias;
             for (uint32_t i = 0; i < 3u; i++)
                 sum += times_weight(w[i], log2[i], r0[i]) + times_weight(w[3u + i], log2[3u + i], r1[i])
                      + times_weight(w[6u + i], log2[6u + i], r2[i]);
-            *output++ = requantize(sum, shift);
+            output[x] = requantize(sum, shift);
         }
+        fill_bytes(output + hi, out_size - hi, fill);
     }
 }
 
@@ -374,7 +389,7 @@ static uint32_t fp130_lanes(const uint32_t *codes, uint32_t max_input, uint32_t 
     return lane;
 }
 
-/* One output row's lane sums, two outputs per pass. With the plane
+/* One output row's lane sums. With the plane
  * size a constant the three input rows are offsets of one pointer, which leaves RV32E's registers to the
  * nine shift amounts: per weight a load, a shift and an add. */
 SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
@@ -385,12 +400,8 @@ SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r
     (((uint32_t)(q)[0] << r0) + ((uint32_t)(q)[1] << r1) + ((uint32_t)(q)[2] << r2)                          \
      + ((uint32_t)(q)[size] << r3) + ((uint32_t)(q)[size + 1u] << r4) + ((uint32_t)(q)[size + 2u] << r5)     \
      + ((uint32_t)(q)[s2] << r6) + ((uint32_t)(q)[s2 + 1u] << r7) + ((uint32_t)(q)[s2 + 2u] << r8))
-    for (; n >= 2u; n -= 2u, acc += 2, p += 2) {
-        acc[0] = BITNETMCU_LANE_SUM(p);
-        acc[1] = BITNETMCU_LANE_SUM(p + 1);
-    }
-    if (n)
-        acc[0] = BITNETMCU_LANE_SUM(p);
+    for (uint32_t *end = acc + n; acc != end; acc++, p++)
+        *acc = BITNETMCU_LANE_SUM(p);
 #undef BITNETMCU_LANE_SUM
 }
 
@@ -403,44 +414,71 @@ static NOINLINE void fp130_requantize_row(const uint32_t *acc, uint32_t n, uint3
         *output++ = requantize((int32_t)(*acc & mask) - (int32_t)(*acc >> lane) + bias, shift);
 }
 
-static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
-                             uint32_t shift, uint8_t *output)
+/* The row loop on its own, where all of RV32E's registers are free for it; with the plane size of the 16x16
+ * models' first two convolutions as a constant. */
+static NOINLINE void fp130_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
-    uint32_t out_size = size - 2u, acc[BITNETMCU_MAX_PLANE - 2];
+    fp130_lane_row(p, 16u, r, acc, n);
+}
+
+static NOINLINE void fp130_lane_row14(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
+{
+    fp130_lane_row(p, 14u, r, acc, n);
+}
+
+static NOINLINE void fp130_lane_row_any(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+{
+    fp130_lane_row(p, size, r, acc, n);
+}
+
+static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
+                             uint32_t shift, uint8_t *output, const uint8_t *extent, uint8_t fill)
+{
+    uint32_t out_size = size - 2u, acc[BITNETMCU_MAX_PLANE - 2], lo, hi;
     for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
-        switch (size) {   /* the sizes of the 16x16 models' planes as constants; others generic */
-        case 16: fp130_lane_row(input, 16, r, acc, 14); break;
-        case 14: fp130_lane_row(input, 14, r, acc, 12); break;
-        case 6: fp130_lane_row(input, 6, r, acc, 4); break;
-        default: fp130_lane_row(input, size, r, acc, out_size); break;
-        }
-        fp130_requantize_row(acc, out_size, lane, bias, shift, output);
+        row_extent(extent, y, out_size, &lo, &hi);
+        fill_bytes(output, lo, fill);
+        if (size == 16u) fp130_lane_row16(input + lo, r, acc, hi - lo);
+        else if (size == 14u) fp130_lane_row14(input + lo, r, acc, hi - lo);
+        else fp130_lane_row_any(input + lo, size, r, acc, hi - lo);
+        fp130_requantize_row(acc, hi - lo, lane, bias, shift, output + lo);
+        fill_bytes(output + hi, out_size - hi, fill);
     }
 }
 
-/* The input is plane + offset: its share, offset x the sum of the weights, is added once with the rounding. */
-SPECIALIZE int32_t conv_bias(const int32_t w[9], int32_t offset, uint32_t shift)
+/* The sum of a channel's weights. */
+SPECIALIZE int32_t weight_sum(const int32_t w[9])
 {
     int32_t total = 0;
     for (uint32_t i = 0; i < 9u; i++) total += w[i];
-    return times_small(offset, total) + (int32_t)((1u << shift) >> 1);
+    return total;
 }
 
-SPECIALIZE void qconv(const uint8_t *input, int32_t offset, uint32_t size, const uint32_t *weights, uint32_t shift,
-                      uint8_t *output, enum qtype t)
+/* The input is plane + offset: its share, offset x the sum of the weights, is added once with the rounding.
+ * Outside the extent every input is `fill`, every output the same: returned. */
+SPECIALIZE uint32_t qconv_weights(const uint8_t *input, int32_t offset, uint32_t size, const int32_t w[9],
+                                  const uint32_t *fp130_codes, uint32_t shift, uint8_t *output,
+                                  const uint8_t *extent, uint32_t fill)
 {
-    int32_t w[9];
+    int32_t total = weight_sum(w);
+    int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
+    uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
     uint32_t r[9], lane;
-    channel_weights(weights, w, t);
-    int32_t bias = conv_bias(w, offset, shift);
-    if (t == FP130 && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(weights, (uint32_t)(127 - offset), r)) != 0u)
-        conv_fp130_lanes(input, bias, size, r, lane, shift, output);
+    if (fp130_codes && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(fp130_codes, (uint32_t)(127 - offset), r)))
+        conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out);
     else
-        conv_weights(input, bias, size, w, shift, output);
+        conv_weights(input, bias, size, w, shift, output, extent, fill_out);
+    return fill_out;
 }
 
-#define BITNETMCU_DEFINE_QCONV(name, id, log2_bits) \
-    BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name) { qconv(input, offset, size, weights, shift, output, id); }
+#define BITNETMCU_DEFINE_QCONV(name, id, log2_bits)                                               \
+    BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name)                                             \
+    {                                                                                             \
+        int32_t w[9];                                                                             \
+        channel_weights(weights, w, id);                                                          \
+        return qconv_weights(input, offset, size, w, id == FP130 ? weights : 0, shift, output,    \
+                             extent, fill);                                                       \
+    }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_QCONV)
 
 BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
@@ -453,5 +491,35 @@ BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
         frac &= 0xFFFFu;
         w[i] = trit == 0u ? 1 : trit == 1u ? -1 : 0;
     }
-    conv_weights(input, conv_bias(w, offset, shift), size, w, shift, output);
+    return qconv_weights(input, offset, size, w, 0, shift, output, extent, fill);
+}
+
+void BitNetMCU_plane_extent(const uint8_t *plane, uint32_t size, uint8_t *extent)
+{
+    for (uint32_t y = 0; y < size; y++, plane += size, extent += 2) {
+        uint32_t lo = size, hi = 0;
+        for (uint32_t x = 0; x < size; x++)
+            if (plane[x]) {
+                if (lo == size) lo = x;
+                hi = x + 1u;
+            }
+        extent[0] = (uint8_t)(lo < hi ? lo : 0u);
+        extent[1] = (uint8_t)hi;
+    }
+}
+
+void BitNetMCU_conv_extent(const uint8_t *extent, uint32_t size, uint8_t *out)
+{
+    uint32_t n = size - 2u;
+    for (uint32_t y = 0; y < n; y++, extent += 2, out += 2) {
+        uint32_t lo = n, hi = 0;
+        for (uint32_t k = 0; k < 6u; k += 2u)   /* input rows y .. y+2: output x sees columns x .. x+2 */
+            if (extent[k] < extent[k + 1u]) {
+                uint32_t a = extent[k] >= 2u ? extent[k] - 2u : 0u, b = extent[k + 1u] < n ? extent[k + 1u] : n;
+                if (a < lo) lo = a;
+                if (b > hi) hi = b;
+            }
+        out[0] = (uint8_t)(lo < hi ? lo : 0u);
+        out[1] = (uint8_t)(lo < hi ? hi : 0u);
+    }
 }

@@ -91,17 +91,28 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  *     output[(size-2)^2] = clamp((sum + 2^shift / 2) >> shift, 0, 127)
  * Works in place (output == input). Weights: the 9 codes of the channel as the fully connected kernels
  * store them, packed MSB-first into uint32_t words (Ternary: 10 trits in one uint16_t).
+ * extent (or a null pointer: all of it): per output row y the columns [extent[2y], extent[2y+1]) whose
+ * 3x3 window may hold an input other than `fill`; everywhere else every input is `fill`, so every output
+ * is one value, written without computing it. Returns that value (the next layer's `fill`).
  * Without a multiplier every type's products are shifts and adds (BITNETMCU_NO_MUL). FP130 sums the
  * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
  * per weight.
  */
 #define BITNETMCU_MAX_PLANE 32   /* FP130's lane kernel takes planes up to this size (wider: per weight) */
-#define BITNETMCU_QCONV_KERNEL(name)                                                                    \
-    void name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
-              uint8_t *output)
+#define BITNETMCU_QCONV_KERNEL(name)                                                                        \
+    uint32_t name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
+                  uint8_t *output, const uint8_t *extent, uint32_t fill)
 #define BITNETMCU_DECLARE_QCONV(name, id, log2_bits) BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name);
 BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_QCONV)
 BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary);
+
+/* Per row of a size x size plane, the columns [extent[2y], extent[2y+1]) from its first to its last
+ * non-zero pixel ([0, 0): none). */
+void BitNetMCU_plane_extent(const uint8_t *plane, uint32_t size, uint8_t *extent);
+
+/* The extent of a 3x3 convolution's output ((size-2) rows) from its input's (size rows): the output
+ * columns whose window touches the input's extent. */
+void BitNetMCU_conv_extent(const uint8_t *extent, uint32_t size, uint8_t *out);
 
 /* The image as the int8-activation convolutions read it: plane[i] = image[i] - min(image), all >= 0.
  * Returns the minimum (the `offset` of the first convolution). */

@@ -78,7 +78,7 @@ def activation_ram(int_model, packed):
     """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
     plan = buffer_plan(int_model, packed)
     if plan['int8_planes']:
-        return max(plan['image'] + plan['plane'], 4 * plan['scratch']) + plan['features']
+        return max(plan['image'] + plan['plane'], 4 * plan['scratch']) + plan['features'] + sum(plan['extents'])
     return 4 * (plan['scratch'] + plan['features']) + plan['act']
 
 
@@ -126,46 +126,67 @@ def buffer_plan(int_model, packed):
         # int8 planes: the image and one channel's plane, then (in the same bytes) the fully connected sums;
         # the ShiftNorm outputs reuse the features once the first fully connected layer has read them.
         first = int_model.input_size - 2
+        extents = [2 * (int_model.input_size - 2 * (k + 1)) for k in range(leading_convs(stack))]
         return {'int8_planes': True, 'image': int_model.input_size ** 2, 'plane': first * first, 'scratch': sums,
-                'features': max(features, act), 'final_size': size}
+                'features': max(features, act), 'final_size': size, 'extents': extents}
     # The convolution maps and, after them, the fully connected sums share one int32 buffer.
     return {'int8_planes': False, 'scratch': max(biggest, sums), 'features': features, 'final_size': size,
             'act': act}
 
 
-def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=None):
+def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=None, extents=0):
     """The kernel calls that run channel c through the conv/pool stack, in place in `scratch`, into `last`.
-    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's)."""
+    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's);
+    the first `extents` convs then skip what lies outside extent<k> and pass on their fill value."""
     lines, k = [], 0
     for i, op in enumerate(stack):
         dst = last if i == len(stack) - 1 else scratch
         if op.kind == 'maxpool':
             lines.append(f"        {pool}({src}, {size}u, {dst});")
             size //= 2
+        elif first_offset is None:
+            lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
+            size, k = size - 2, k + 1
         else:
-            offset = '' if first_offset is None else f"{first_offset if k == 0 else '0'}, "
-            lines.append(f"        {convs[k][1].kernel}({src}, {offset}{size}u, w{k}, {op.shift}u, {dst});")
+            offset = first_offset if k == 0 else '0'
+            call = f"{convs[k][1].kernel}({src}, {offset}, {size}u, w{k}, {op.shift}u, {dst}, "
+            if k < extents:
+                call = ('uint32_t fill = ' if k == 0 else 'fill = ') + call + f"extent{k}, {'0u' if k == 0 else 'fill'});"
+            else:
+                call += "(const uint8_t *)0, 0u);"
+            lines.append(f"        {call}")
             size, k = size - 2, k + 1
         src = dst
     return lines
 
 
+def leading_convs(stack):
+    """How many convolutions come before the first pooling: the ones whose constant region an extent tracks."""
+    return next((i for i, op in enumerate(stack) if op.kind == 'maxpool'), len(stack))
+
+
 def int8_stack_lines(int_model, plan, stack, convs):
     """Buffers and the int8-plane stack: every channel in turn runs through all of it, so one channel's
-    plane is all the RAM the convolutions need."""
+    plane is all the RAM the convolutions need. The image's background is the same for every channel: the
+    extent of each leading convolution's output (where it can differ from one value) is found once."""
     size = int_model.input_size
     ctype = {np.uint32: 'uint32_t', np.uint16: 'uint16_t'}
     lines = [f"    union {{ struct {{ uint8_t image[{plan['image']}], plane[{plan['plane']}]; }} conv; "
              f"int32_t sums[{plan['scratch']}]; }} ram;",
-             f"    int8_t features[{plan['features']}], *act = features;",
-             "    int32_t *sums = ram.sums;",
-             f"    int32_t offset = BitNetMCU_unsigned_image(input, ram.conv.image, {size * size}u);"]
+             f"    int8_t features[{plan['features']}], *act = features;"]
+    lines += [f"    uint8_t extent{k}[{n}];" for k, n in enumerate(plan['extents'])]
+    lines += ["    int32_t *sums = ram.sums;",
+              f"    int32_t offset = BitNetMCU_unsigned_image(input, ram.conv.image, {size * size}u);",
+              f"    BitNetMCU_plane_extent(ram.conv.image, {size}u, ram.conv.plane);   /* the plane is free yet */"]
+    for k in range(len(plan['extents'])):
+        lines.append(f"    BitNetMCU_conv_extent({'ram.conv.plane' if k == 0 else f'extent{k - 1}'}, {size - 2 * k}u, "
+                     f"extent{k});")
     lines += [f"    const {ctype[layer.words.dtype.type]} *w{k} = {array_name(index)};" for k, (index, layer) in enumerate(convs)]
     lines.append(f"    for (uint32_t c = 0; c < {convs[0][1].op.weights.shape[0]}u; c++"
                  + ''.join(f", w{k} += {layer.words.shape[1]}" for k, (_, layer) in enumerate(convs)) + ") {")
     lines += channel_calls(size, stack, convs, 'ram.conv.image', 'ram.conv.plane',
                            f"(uint8_t *)features + {plan['final_size'] ** 2}u * c", 'BitNetMCU_maxpool2_u8',
-                           first_offset='offset')
+                           first_offset='offset', extents=len(plan['extents']))
     return lines + ["    }"]
 
 

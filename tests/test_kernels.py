@@ -153,11 +153,11 @@ def test_qconv_matches_python(engine, case):
     kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
     out = np.zeros((size - 2) ** 2, np.uint8)
     kernel(ffi.from_buffer('uint8_t[]', plane), offset, size, ffi.from_buffer(words), shift,
-           ffi.from_buffer('uint8_t[]', out))
+           ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0)
     assert np.array_equal(out, expected.flatten())
     inplace = plane.flatten().copy()
     buf = ffi.from_buffer('uint8_t[]', inplace)
-    kernel(buf, offset, size, ffi.from_buffer(words), shift, buf)
+    kernel(buf, offset, size, ffi.from_buffer(words), shift, buf, ffi.NULL, 0)
     assert np.array_equal(inplace[:(size - 2) ** 2], expected.flatten())
 
 
@@ -177,8 +177,42 @@ def test_fp130_qconv_at_every_kind_of_plane_size(engine, size):
         out = np.zeros((size - 2) ** 2, np.uint8)
         lib.BitNetMCU_qconv3x3_FP130(ffi.from_buffer('uint8_t[]', plane), offset, size,
                                      ffi.from_buffer(pack_codes(qtype, w[None])[0]), shift,
-                                     ffi.from_buffer('uint8_t[]', out))
+                                     ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0)
         assert np.array_equal(out, expected.numpy().astype(np.uint8).flatten()), (trial, w, offset, shift)
+
+
+@given(st.sampled_from(['FP130', '4bitsym', 'Ternary']), st.integers(5, 20), st.integers(0, 2 ** 32 - 1))
+def test_qconv_extents_skip_only_what_is_constant(engine, qtype, size, seed):
+    """Two convolutions over a plane that is `fill` outside a random blob, with the extents of
+    BitNetMCU_plane_extent / BitNetMCU_conv_extent: the outputs equal the full computation's, and the
+    returned fill is the value of a window of fills."""
+    ffi, lib = engine
+    rng = np.random.default_rng(seed)
+    qtype = QUANT_TYPES[qtype]
+    plane = np.zeros((size, size), np.uint8)
+    y0, x0 = rng.integers(0, size, 2)
+    y1, x1 = y0 + rng.integers(0, size - y0 + 1), x0 + rng.integers(0, size - x0 + 1)
+    plane[y0:y1, x0:x1] = rng.integers(0, 110, (y1 - y0, x1 - x0)) * (rng.random((y1 - y0, x1 - x0)) < 0.7)
+    offset = -19
+    w1, w2 = rng.choice(qtype.int_levels, 9), rng.choice(qtype.int_levels, 9)
+    x = torch.from_numpy((plane.astype(np.float32) + offset)[None, None])
+    _, first = qconv3x3(x, w1[None], 6)
+    _, second = qconv3x3(first, w2[None], 5)
+    image_extent, extent0, extent1 = (np.zeros(2 * n, np.uint8) for n in (size, size - 2, size - 4))
+    lib.BitNetMCU_plane_extent(ffi.from_buffer('uint8_t[]', plane), size, ffi.from_buffer(image_extent))
+    lib.BitNetMCU_conv_extent(ffi.from_buffer(image_extent), size, ffi.from_buffer(extent0))
+    buf = plane.flatten().copy()
+    kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
+    fill = kernel(ffi.from_buffer('uint8_t[]', buf), offset, size, ffi.from_buffer(pack_codes(qtype, w1[None])[0]),
+                  6, ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent0), 0)
+    assert np.array_equal(buf[:(size - 2) ** 2], first.numpy().astype(np.uint8).flatten())
+    if not plane[:3, :3].any():   # a window of the image's background
+        constant = qconv3x3(torch.full((1, 1, 3, 3), float(offset)), w1[None], 6)[1]
+        assert fill == int(constant)
+    lib.BitNetMCU_conv_extent(ffi.from_buffer(extent0), size - 2, ffi.from_buffer(extent1))
+    kernel(ffi.from_buffer('uint8_t[]', buf), 0, size - 2, ffi.from_buffer(pack_codes(qtype, w2[None])[0]), 5,
+           ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent1), fill)
+    assert np.array_equal(buf[:(size - 4) ** 2], second.numpy().astype(np.uint8).flatten())
 
 
 @given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
