@@ -23,6 +23,7 @@ import csv
 import io
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,8 +59,9 @@ SWEEP_KEYS = {   # key: (default, meaning)
     'trials': (None, 'trials to finish (done, pruned or infeasible; failed ones are retried)'),
     'epochs': (None, 'training epochs per trial (num_epochs)'),
     'train_images': (0, 'train on the first N training images only (0: all), for quick sweeps'),
-    'pruning': ({'warmup_epochs': 1, 'startup_trials': 4},
-                'median pruning of trials behind on validation accuracy (single objective), or false'),
+    'pruning': ({'warmup_epochs': 1, 'startup_trials': 4, 'percentile': 25},
+                'prune a trial whose validation accuracy after an epoch is in the bottom `percentile` of the '
+                'earlier trials at that epoch (single objective), or false'),
     'firmware_images': (1000, 'validation images the emulated firmware runs when it is measured'),
     'heartbeat_seconds': (20, 'a trial whose worker is silent for twice this is failed and retried'),
     'keep': (3, 'single objective: the best N feasible trials are written as training configs'),
@@ -163,12 +165,15 @@ def load_sweep(path, out_dir=None):
                          f"of {', '.join(BUDGETS)}")
     pruning = sweep['pruning']
     if pruning is not False:
-        if not isinstance(pruning, dict) or set(pruning) - {'warmup_epochs', 'startup_trials'}:
-            raise SweepError(f"sweep key 'pruning': {pruning!r} must be false or a mapping of warmup_epochs and "
-                             "startup_trials")
+        if not isinstance(pruning, dict) or set(pruning) - set(SWEEP_KEYS['pruning'][0]):
+            raise SweepError(f"sweep key 'pruning': {pruning!r} must be false or a mapping of "
+                             f"{', '.join(SWEEP_KEYS['pruning'][0])}")
         sweep['pruning'] = {**SWEEP_KEYS['pruning'][0], **pruning}
         for key, value in sweep['pruning'].items():
             _whole(value, f'pruning.{key}')
+        if not 1 <= sweep['pruning']['percentile'] <= 50:
+            raise SweepError(f"sweep key 'pruning.percentile': {sweep['pruning']['percentile']} must be 1 to 50 "
+                             "(50: prune everything below the median)")
     if not isinstance(sweep['set'], dict):
         raise SweepError(f"sweep key 'set': {sweep['set']!r} must be a mapping of config keys")
     _check_space(sweep['space'])
@@ -364,8 +369,9 @@ def open_study(sweep, storage_url, study_name, worker=0):
         raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]}") from None
     single = len(sweep['objectives']) == 1
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep['pruning']['startup_trials'],
-                                          n_warmup_steps=sweep['pruning']['warmup_epochs'])
+    pruner = (optuna.pruners.PercentilePruner(sweep['pruning']['percentile'],
+                                              n_startup_trials=sweep['pruning']['startup_trials'],
+                                              n_warmup_steps=sweep['pruning']['warmup_epochs'])
               if single and sweep['pruning'] else optuna.pruners.NopPruner())
     directions = ['maximize'] + ['minimize'] * (len(sweep['objectives']) - 1)
     study = optuna.create_study(storage=storage, study_name=study_name, pruner=pruner, directions=directions,
@@ -601,7 +607,12 @@ def spawn_workers(args, sweep, n):
         raise
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops a sweep as Ctrl-C does: its trial is queued again
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='sweep file keys:\n' + '\n'.join(f"  {k:18s} {v[1]}" for k, v in
                                                                             SWEEP_KEYS.items()))

@@ -48,6 +48,7 @@ def write_sweep(path, **keys):
     ({'set': {**TINY['set'], 'validation_images': 0}}, r"validation_images"),
     ({'set': {'QuantType': 'None'}}, r"base and set: .*QuantType"),
     ({'pruning': {'warmup': 1}}, r"'pruning'.*warmup_epochs"),
+    ({'pruning': {'percentile': 80}}, r"'pruning.percentile': 80 must be 1 to 50"),
 ])
 def test_sweep_file_errors_name_the_key(tmp_path, keys, message):
     with pytest.raises(sweep.SweepError, match=message):
@@ -67,7 +68,7 @@ def test_trials_done_infeasible_and_pruned_and_what_they_write(tmp_path):
     space = {'QuantType': {'choices': ['4bitsym', '8bit']}, 'network_width1': {'int': [8, 512], 'step': 8},
              'learning_rate': {'float': [1e-7, 0.01], 'log': True}}
     spec = sweep.load_sweep(write_sweep(tmp_path / 's.yaml', space=space,
-                                        pruning={'warmup_epochs': 0, 'startup_trials': 1}), tmp_path / 'out')
+                                        pruning={"warmup_epochs": 0, "startup_trials": 1, "percentile": 50}), tmp_path / 'out')
     url = sweep.embedded_storage_url(spec)
     study = sweep.open_study(spec, url, 's')
     trials = [{'QuantType': '4bitsym', 'network_width1': 32, 'learning_rate': 0.005},
@@ -206,3 +207,35 @@ def test_the_smoke_sweep_runs_as_committed(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert '2 finished: done 2 · pruned 0 · infeasible 0' in out.stdout
     assert len(list((tmp_path / 'best').glob('trial*.yaml'))) == 2 and (tmp_path / 'pareto.png').exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_queues_its_trial_again(tmp_path):
+    """`kill` (SIGTERM) or Ctrl-C in the middle of a trial: the sweep exits 130, the trial is failed and its
+    parameters wait for the next run, which trains them first."""
+    spec_file = write_sweep(tmp_path / 's.yaml', trials=2, epochs=3, pruning=False)
+    out = tmp_path / 'out'
+    url = f"sqlite:///{out / 'study.db'}"
+    proc = subprocess.Popen(sweep_command(spec_file, out, None, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    stopped, deadline = None, time.time() + 240
+    while stopped is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            running = optuna.load_study(study_name='shared', storage=url).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:
+            continue
+        if running and 'pid' in running[0].user_attrs:
+            proc.send_signal(signal.SIGTERM)
+            stopped = running[0]
+    log = proc.communicate(timeout=300)[0]
+    assert stopped is not None and proc.returncode == 130, log[-2000:]
+    study = optuna.load_study(study_name='shared', storage=url)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs['fixed_params'] for t in waiting] == [stopped.params]   # params it will take
+    again = subprocess.run(sweep_command(spec_file, out, None, 1), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    trials = optuna.load_study(study_name='shared', storage=url).get_trials()
+    assert [t.state.name for t in trials].count('COMPLETE') == 2
+    assert any(t.params == stopped.params and t.state.name == 'COMPLETE' for t in trials)
