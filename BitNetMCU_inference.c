@@ -120,8 +120,9 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
     }
 }
 
-/* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
+/* table entry for the 4-bit (2-bit) code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
+#define TABLE2(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x6u)))
 
 /* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
 SPECIALIZE int32_t times_small(int32_t a, int32_t b)
@@ -173,6 +174,19 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
                 s[6] += TABLE4(word, 3);
                 s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
                 s += 8;
+                continue;
+            }
+            if (bits == 2u) {   /* 2-bit codes: the same, 16 to a word, in two passes of 8 */
+                for (uint32_t half = 0; half < 2u; half++, word <<= 16, s += 8) {
+                    s[0] += TABLE2(word, 29);
+                    s[1] += TABLE2(word, 27);
+                    s[2] += TABLE2(word, 25);
+                    s[3] += TABLE2(word, 23);
+                    s[4] += TABLE2(word, 21);
+                    s[5] += TABLE2(word, 19);
+                    s[6] += TABLE2(word, 17);
+                    s[7] += TABLE2(word, 15);
+                }
                 continue;
             }
             for (uint32_t j = 0; j < (32u >> shift); j++, word <<= bits) {
