@@ -124,19 +124,22 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
 #define TABLE2(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x6u)))
 
-/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
-SPECIALIZE int32_t times_small(int32_t a, int32_t b)
-{
+/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier (one copy of the loop). */
 #ifdef BITNETMCU_NO_MUL
+static NOINLINE int32_t times_small(int32_t a, int32_t b)
+{
     uint32_t m = a < 0 ? (uint32_t)-a : (uint32_t)a;
     int32_t product = 0;
     for (; m; m >>= 1, b = shl(b, 1))
         if (m & 1u) product += b;
     return a < 0 ? -product : product;
-#else
-    return a * b;
-#endif
 }
+#else
+SPECIALIZE int32_t times_small(int32_t a, int32_t b)
+{
+    return a * b;
+}
+#endif
 
 /* Input-major layout: each input that differs from `zero` adds its products to all outputs, one table
  * look-up each; inputs equal to `zero` are skipped and their share, zero * rowsums[o], added at the end.
@@ -350,28 +353,25 @@ SPECIALIZE void fill_bytes(uint8_t *out, uint32_t n, uint8_t value)
 }
 
 /* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
- * a later output still reads: in place works. Outside the extent the output is `fill`. */
+ * a later output still reads: in place works. Computes every output (an extent only saves time). */
 static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
-                         uint8_t *output, const uint8_t *extent, uint8_t fill)
+                         uint8_t *output)
 {
-    uint32_t out_size = size - 2u, log2[9], lo, hi;
+    uint32_t out_size = size - 2u, log2[9];
     for (uint32_t i = 0; i < 9u; i++) {   /* 32: not a power of two */
         uint32_t magnitude = (uint32_t)(w[i] < 0 ? -w[i] : w[i]), e = 0;
         while (e < 31u && (1u << e) < magnitude) e++;
         log2[i] = (1u << e) == magnitude ? e : 32u;
     }
-    for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
-        row_extent(extent, y, out_size, &lo, &hi);
-        fill_bytes(output, lo, fill);
-        for (uint32_t x = lo; x < hi; x++) {
+    for (uint32_t y = 0; y < out_size; y++, input += size) {
+        for (uint32_t x = 0; x < out_size; x++) {
             const uint8_t *r0 = input + x, *r1 = r0 + size, *r2 = r1 + size;
             int32_t sum = bias;
             for (uint32_t i = 0; i < 3u; i++)
                 sum += times_weight(w[i], log2[i], r0[i]) + times_weight(w[3u + i], log2[3u + i], r1[i])
                      + times_weight(w[6u + i], log2[6u + i], r2[i]);
-            output[x] = requantize(sum, shift);
+            *output++ = requantize(sum, shift);
         }
-        fill_bytes(output + hi, out_size - hi, fill);
     }
 }
 
@@ -419,13 +419,36 @@ SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r
 #undef BITNETMCU_LANE_SUM
 }
 
+/* A lane sum as the convolution's sum: low lane minus high lane. */
+SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
+{
+    return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
+}
+
 /* Lane sums to requantized outputs: its own function, so that its five constants stay in registers. */
 static NOINLINE void fp130_requantize_row(const uint32_t *acc, uint32_t n, uint32_t lane, int32_t bias,
                                           uint32_t shift, uint8_t *output)
 {
     uint32_t mask = (1u << lane) - 1u;
     for (const uint32_t *end = acc + n; acc != end; acc++)
-        *output++ = requantize((int32_t)(*acc & mask) - (int32_t)(*acc >> lane) + bias, shift);
+        *output++ = requantize(lane_value(*acc, mask, lane) + bias, shift);
+}
+
+/* Two rows of lane sums to 2x2 max-pooled outputs: the requantized maximum of each four sums, the same as
+ * the maximum of their requantized values (requantization never decreases), for a quarter of the work. */
+static NOINLINE void fp130_pool_row(const uint32_t *acc, const uint32_t *below, uint32_t n, uint32_t lane,
+                                    int32_t bias, uint32_t shift, uint8_t *output)
+{
+    uint32_t mask = (1u << lane) - 1u;
+    for (const uint32_t *end = acc + n; acc != end; acc += 2, below += 2) {
+        int32_t m = lane_value(acc[0], mask, lane), v = lane_value(acc[1], mask, lane);
+        if (v > m) m = v;
+        v = lane_value(below[0], mask, lane);
+        if (v > m) m = v;
+        v = lane_value(below[1], mask, lane);
+        if (v > m) m = v;
+        *output++ = requantize(m + bias, shift);
+    }
 }
 
 /* The row loop on its own, where all of RV32E's registers are free for it; with the plane size of the 16x16
@@ -435,28 +458,57 @@ static NOINLINE void fp130_lane_row16(const uint8_t *p, const uint32_t r[9], uin
     fp130_lane_row(p, 16u, r, acc, n);
 }
 
-static NOINLINE void fp130_lane_row14(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
-{
-    fp130_lane_row(p, 14u, r, acc, n);
-}
-
 static NOINLINE void fp130_lane_row_any(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
     fp130_lane_row(p, size, r, acc, n);
 }
 
-static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
-                             uint32_t shift, uint8_t *output, const uint8_t *extent, uint8_t fill)
+SPECIALIZE void lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
-    uint32_t out_size = size - 2u, acc[BITNETMCU_MAX_PLANE - 2], lo, hi;
-    for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
-        row_extent(extent, y, out_size, &lo, &hi);
-        fill_bytes(output, lo, fill);
-        if (size == 16u) fp130_lane_row16(input + lo, r, acc, hi - lo);
-        else if (size == 14u) fp130_lane_row14(input + lo, r, acc, hi - lo);
-        else fp130_lane_row_any(input + lo, size, r, acc, hi - lo);
-        fp130_requantize_row(acc, hi - lo, lane, bias, shift, output + lo);
-        fill_bytes(output + hi, out_size - hi, fill);
+    if (size == 16u) fp130_lane_row16(p, r, acc, n);
+
+    else fp130_lane_row_any(p, size, r, acc, n);
+}
+
+/* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
+SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
+{
+    uint32_t lo2, hi2;
+    row_extent(extent, y, n, lo, hi);
+    row_extent(extent, y + 1u, n, &lo2, &hi2);
+    if (*lo >= *hi) {
+        *lo = lo2;
+        *hi = hi2;
+    } else if (lo2 < hi2) {
+        if (lo2 < *lo) *lo = lo2;
+        if (hi2 > *hi) *hi = hi2;
+    }
+    if (*lo >= *hi) *lo = *hi = 0;
+    *lo &= ~1u;
+    *hi = (*hi + 1u) & ~1u;
+}
+
+static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
+                             uint32_t shift, uint8_t *output, const uint8_t *extent, uint8_t fill, uint32_t pool)
+{
+    uint32_t out_size = size - 2u, acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
+    if (!pool) {
+        for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
+            row_extent(extent, y, out_size, &lo, &hi);
+            fill_bytes(output, lo, fill);
+            lane_row(input + lo, size, r, acc[0], hi - lo);
+            fp130_requantize_row(acc[0], hi - lo, lane, bias, shift, output + lo);
+            fill_bytes(output + hi, out_size - hi, fill);
+        }
+        return;
+    }
+    for (uint32_t y = 0; y < out_size; y += 2u, input += 2u * size, output += out_size >> 1) {
+        pair_extent(extent, y, out_size, &lo, &hi);
+        fill_bytes(output, lo >> 1, fill);
+        lane_row(input + lo, size, r, acc[0], hi - lo);
+        lane_row(input + size + lo, size, r, acc[1], hi - lo);
+        fp130_pool_row(acc[0], acc[1], hi - lo, lane, bias, shift, output + (lo >> 1));
+        fill_bytes(output + (hi >> 1), (out_size - hi) >> 1, fill);
     }
 }
 
@@ -472,16 +524,18 @@ SPECIALIZE int32_t weight_sum(const int32_t w[9])
  * Outside the extent every input is `fill`, every output the same: returned. */
 SPECIALIZE uint32_t qconv_weights(const uint8_t *input, int32_t offset, uint32_t size, const int32_t w[9],
                                   const uint32_t *fp130_codes, uint32_t shift, uint8_t *output,
-                                  const uint8_t *extent, uint32_t fill)
+                                  const uint8_t *extent, uint32_t fill, uint32_t pool)
 {
     int32_t total = weight_sum(w);
     int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
     uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
     uint32_t r[9], lane;
     if (fp130_codes && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(fp130_codes, (uint32_t)(127 - offset), r)))
-        conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out);
-    else
-        conv_weights(input, bias, size, w, shift, output, extent, fill_out);
+        conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out, pool);
+    else {
+        conv_weights(input, bias, size, w, shift, output);
+        if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
+    }
     return fill_out;
 }
 
@@ -491,7 +545,7 @@ SPECIALIZE uint32_t qconv_weights(const uint8_t *input, int32_t offset, uint32_t
         int32_t w[9];                                                                             \
         channel_weights(weights, w, id);                                                          \
         return qconv_weights(input, offset, size, w, id == FP130 ? weights : 0, shift, output,    \
-                             extent, fill);                                                       \
+                             extent, fill, pool);                                                 \
     }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_QCONV)
 
@@ -505,7 +559,7 @@ BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
         frac &= 0xFFFFu;
         w[i] = trit == 0u ? 1 : trit == 1u ? -1 : 0;
     }
-    return qconv_weights(input, offset, size, w, 0, shift, output, extent, fill);
+    return qconv_weights(input, offset, size, w, 0, shift, output, extent, fill, pool);
 }
 
 void BitNetMCU_plane_extent(const uint8_t *plane, uint32_t size, uint8_t *extent)

@@ -94,6 +94,7 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  * extent (or a null pointer: all of it): per output row y the columns [extent[2y], extent[2y+1]) whose
  * 3x3 window may hold an input other than `fill`; everywhere else every input is `fill`, so every output
  * is one value, written without computing it. Returns that value (the next layer's `fill`).
+ * pool = 1: 2x2 max pooling of the output (size - 2 even) in the same pass: output[((size-2)/2)^2].
  * Without a multiplier every type's products are shifts and adds (BITNETMCU_NO_MUL). FP130 sums the
  * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
  * per weight.
@@ -101,7 +102,7 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 #define BITNETMCU_MAX_PLANE 32   /* FP130's lane kernel takes planes up to this size (wider: per weight) */
 #define BITNETMCU_QCONV_KERNEL(name)                                                                        \
     uint32_t name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
-                  uint8_t *output, const uint8_t *extent, uint32_t fill)
+                  uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool)
 #define BITNETMCU_DECLARE_QCONV(name, id, log2_bits) BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name);
 BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_QCONV)
 BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary);

@@ -136,11 +136,15 @@ def buffer_plan(int_model, packed):
 
 def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=None, extents=0):
     """The kernel calls that run channel c through the conv/pool stack, in place in `scratch`, into `last`.
-    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's);
-    the first `extents` convs then skip what lies outside extent<k> and pass on their fill value."""
-    lines, k = [], 0
-    for i, op in enumerate(stack):
-        dst = last if i == len(stack) - 1 else scratch
+    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's)
+    and does the max pooling that follows it; the first `extents` convs skip what lies outside extent<k>
+    and pass on their fill value."""
+    lines, k, i = [], 0, 0
+    while i < len(stack):
+        op = stack[i]
+        pooled = first_offset is not None and i + 1 < len(stack) and stack[i + 1].kind == 'maxpool'
+        i += 2 if pooled else 1
+        dst = last if i == len(stack) else scratch
         if op.kind == 'maxpool':
             lines.append(f"        {pool}({src}, {size}u, {dst});")
             size //= 2
@@ -151,11 +155,12 @@ def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=Non
             offset = first_offset if k == 0 else '0'
             call = f"{convs[k][1].kernel}({src}, {offset}, {size}u, w{k}, {op.shift}u, {dst}, "
             if k < extents:
-                call = ('uint32_t fill = ' if k == 0 else 'fill = ') + call + f"extent{k}, {'0u' if k == 0 else 'fill'});"
+                call = (('uint32_t fill = ' if k == 0 else 'fill = ') + call
+                        + f"extent{k}, {'0u' if k == 0 else 'fill'}, {int(pooled)}u);")
             else:
-                call += "(const uint8_t *)0, 0u);"
+                call += f"(const uint8_t *)0, 0u, {int(pooled)}u);"
             lines.append(f"        {call}")
-            size, k = size - 2, k + 1
+            size, k = (size - 2) // (2 if pooled else 1), k + 1
         src = dst
     return lines
 

@@ -153,12 +153,18 @@ def test_qconv_matches_python(engine, case):
     kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
     out = np.zeros((size - 2) ** 2, np.uint8)
     kernel(ffi.from_buffer('uint8_t[]', plane), offset, size, ffi.from_buffer(words), shift,
-           ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0)
+           ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0, 0)
     assert np.array_equal(out, expected.flatten())
     inplace = plane.flatten().copy()
     buf = ffi.from_buffer('uint8_t[]', inplace)
-    kernel(buf, offset, size, ffi.from_buffer(words), shift, buf, ffi.NULL, 0)
+    kernel(buf, offset, size, ffi.from_buffer(words), shift, buf, ffi.NULL, 0, 0)
     assert np.array_equal(inplace[:(size - 2) ** 2], expected.flatten())
+    if size % 2 == 0:   # with the 2x2 max pooling that follows, in place
+        pooled = maxpool2(expected.astype(np.int64)).flatten()
+        inplace = plane.flatten().copy()
+        buf = ffi.from_buffer('uint8_t[]', inplace)
+        kernel(buf, offset, size, ffi.from_buffer(words), shift, buf, ffi.NULL, 0, 1)
+        assert np.array_equal(inplace[:len(pooled)], pooled)
 
 
 @pytest.mark.parametrize('size', [3, 4, 5, 6, 7, 14, 16, 31, 32, 33])
@@ -177,7 +183,7 @@ def test_fp130_qconv_at_every_kind_of_plane_size(engine, size):
         out = np.zeros((size - 2) ** 2, np.uint8)
         lib.BitNetMCU_qconv3x3_FP130(ffi.from_buffer('uint8_t[]', plane), offset, size,
                                      ffi.from_buffer(pack_codes(qtype, w[None])[0]), shift,
-                                     ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0)
+                                     ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0, 0)
         assert np.array_equal(out, expected.numpy().astype(np.uint8).flatten()), (trial, w, offset, shift)
 
 
@@ -204,15 +210,18 @@ def test_qconv_extents_skip_only_what_is_constant(engine, qtype, size, seed):
     buf = plane.flatten().copy()
     kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
     fill = kernel(ffi.from_buffer('uint8_t[]', buf), offset, size, ffi.from_buffer(pack_codes(qtype, w1[None])[0]),
-                  6, ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent0), 0)
+                  6, ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent0), 0, 0)
     assert np.array_equal(buf[:(size - 2) ** 2], first.numpy().astype(np.uint8).flatten())
     if not plane[:3, :3].any():   # a window of the image's background
         constant = qconv3x3(torch.full((1, 1, 3, 3), float(offset)), w1[None], 6)[1]
         assert fill == int(constant)
     lib.BitNetMCU_conv_extent(ffi.from_buffer(extent0), size - 2, ffi.from_buffer(extent1))
+    pool = 1 - size % 2   # (size - 4) even: the second convolution also pools, as in the models
+    expected = second.numpy().astype(np.uint8)
+    expected = (maxpool2(expected.astype(np.int64)) if pool else expected).flatten()
     kernel(ffi.from_buffer('uint8_t[]', buf), 0, size - 2, ffi.from_buffer(pack_codes(qtype, w2[None])[0]), 5,
-           ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent1), fill)
-    assert np.array_equal(buf[:(size - 4) ** 2], second.numpy().astype(np.uint8).flatten())
+           ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent1), fill, pool)
+    assert np.array_equal(buf[:len(expected)], expected)
 
 
 @given(st.integers(1, 8), st.integers(0, 2 ** 32 - 1))
