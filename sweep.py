@@ -369,7 +369,8 @@ def open_study(sweep, storage_url, study_name, worker=0):
         raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]}") from None
     single = len(sweep['objectives']) == 1
-    pruner = (optuna.pruners.PercentilePruner(sweep['pruning']['percentile'],
+    # Optuna's percentile is the share of trials kept: the top (100 - bottom) percent
+    pruner = (optuna.pruners.PercentilePruner(100 - sweep['pruning']['percentile'],
                                               n_startup_trials=sweep['pruning']['startup_trials'],
                                               n_warmup_steps=sweep['pruning']['warmup_epochs'])
               if single and sweep['pruning'] else optuna.pruners.NopPruner())

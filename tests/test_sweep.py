@@ -239,3 +239,24 @@ def test_a_stopped_sweep_queues_its_trial_again(tmp_path):
     trials = optuna.load_study(study_name='shared', storage=url).get_trials()
     assert [t.state.name for t in trials].count('COMPLETE') == 2
     assert any(t.params == stopped.params and t.state.name == 'COMPLETE' for t in trials)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_pruning_takes_only_the_bottom_percentile(tmp_path):
+    """pruning.percentile 25: a trial is pruned when its validation accuracy after an epoch is in the bottom
+    quarter of the earlier trials' at that epoch, and kept otherwise (Optuna's own percentile counts what
+    is kept)."""
+    spec = sweep.load_sweep(write_sweep(tmp_path / 's.yaml', pruning={'warmup_epochs': 0, 'startup_trials': 4,
+                                                                       'percentile': 25}), tmp_path / 'out')
+    study = sweep.open_study(spec, sweep.embedded_storage_url(spec), 's')
+    for accuracy in (0.90, 0.85, 0.80, 0.75, 0.70):
+        trial = study.ask()
+        trial.report(accuracy, 1)
+        study.tell(trial, accuracy)
+    verdicts = {}
+    for accuracy in (0.78, 0.71):   # the earlier trials' 25th percentile is 0.75
+        trial = study.ask()
+        trial.report(accuracy, 1)
+        verdicts[accuracy] = trial.should_prune()
+        study.tell(trial, accuracy)
+    assert verdicts == {0.78: False, 0.71: True}
