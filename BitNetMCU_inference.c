@@ -124,15 +124,25 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
 #define TABLE2(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x6u)))
 
-/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier (one copy of the loop). */
-#ifdef BITNETMCU_NO_MUL
-static NOINLINE int32_t times_small(int32_t a, int32_t b)
+/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
+SPECIALIZE int32_t multiply_small(int32_t a, int32_t b)
 {
+#ifdef BITNETMCU_NO_MUL
     uint32_t m = a < 0 ? (uint32_t)-a : (uint32_t)a;
     int32_t product = 0;
     for (; m; m >>= 1, b = shl(b, 1))
         if (m & 1u) product += b;
     return a < 0 ? -product : product;
+#else
+    return a * b;
+#endif
+}
+
+/* The same, as one shared copy of the loop where it is not in a hot path (inline where it is a multiply). */
+#ifdef BITNETMCU_NO_MUL
+static NOINLINE int32_t times_small(int32_t a, int32_t b)
+{
+    return multiply_small(a, b);
 }
 #else
 SPECIALIZE int32_t times_small(int32_t a, int32_t b)
@@ -199,7 +209,7 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
         }
     }
     if (zero != 0)
-        for (uint32_t o = 0; o < n_out; o++) sums[o] += times_small(zero, rowsums[o]);
+        for (uint32_t o = 0; o < n_out; o++) sums[o] += multiply_small(zero, rowsums[o]);
 }
 
 #define BITNETMCU_DEFINE_FC(name, id, log2_bits)                                                  \
