@@ -260,3 +260,22 @@ def test_pruning_takes_only_the_bottom_percentile(tmp_path):
         verdicts[accuracy] = trial.should_prune()
         study.tell(trial, accuracy)
     assert verdicts == {0.78: False, 0.71: True}
+
+
+@pytest.mark.slow
+def test_firmware_budgets_are_measured_on_the_emulated_chip(tmp_path):
+    """instructions as a budget and second objective: the trial's firmware is built and run on the emulated
+    CH32V003 over validation images; its exact instruction count (and flash) makes it infeasible here."""
+    spec = sweep.load_sweep(write_sweep(tmp_path / 's.yaml', trials=1, epochs=1, objectives=['accuracy', 'instructions'],
+                                        budget={'instructions': 1000}, firmware_images=20), tmp_path / 'out')
+    assert spec['firmware']
+    url = sweep.embedded_storage_url(spec)
+    study = sweep.open_study(spec, url, 's')
+    study.enqueue_trial({'network_width1': 16, 'learning_rate': 0.005})
+    study = sweep.work(spec, url, 's', 0, sweep.load_data(spec), log=lambda *a: None)
+    (trial,) = study.get_trials()
+    a = trial.user_attrs
+    assert 5_000 < a['instructions'] < 100_000 and 1_000 < a['flash_bytes'] < 16_384 and a['fits']
+    assert a['infeasible'] == f"instructions {a['instructions']} > 1000" and a['accuracy'] > 0.3
+    assert trial.values == [0.0, a['instructions']] and trial.constraints['instructions'] == a['instructions'] - 1000
+    assert not a['multiplies']   # 4bitsym: the firmware has no multiply instruction
