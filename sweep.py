@@ -361,13 +361,18 @@ def open_study(sweep, storage_url, study_name, worker=0):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     # SQLite: wait for another worker's write instead of failing at once
     engine = {'connect_args': {'timeout': 60}} if storage_url.startswith('sqlite') else None
-    try:
-        storage = RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=sweep['heartbeat_seconds'],
-                             grace_period=2 * sweep['heartbeat_seconds'],
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as e:   # an unreachable server, a missing driver, a malformed URL
-        raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300]}") from None
+    for attempt in range(5):
+        try:
+            storage = RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=sweep['heartbeat_seconds'],
+                                 grace_period=2 * sweep['heartbeat_seconds'],
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            break
+        except Exception as e:   # an unreachable server, a missing driver, a malformed URL
+            if 'already exists' in str(e) and attempt < 4:   # another worker is creating the tables right now
+                time.sleep(1 + attempt)
+                continue
+            raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
     single = len(sweep['objectives']) == 1
     # Optuna's percentile is the share of trials kept: the top (100 - bottom) percent
     pruner = (optuna.pruners.PercentilePruner(100 - sweep['pruning']['percentile'],
@@ -638,6 +643,7 @@ def main(argv=None):
             write_results(open_study(sweep, storage, args.study), sweep)
             return 0
         if args.workers > 1:
+            open_study(sweep, storage, args.study)   # the tables and the study exist before the workers start
             statuses = spawn_workers(args, sweep, args.workers)
             if any(statuses):
                 print(f"error: worker exit statuses {statuses}", file=sys.stderr)
