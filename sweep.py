@@ -375,9 +375,11 @@ def open_study(sweep, storage_url, study_name, worker=0):
                              f"{str(e).splitlines()[0][:300]}") from None
     single = len(sweep['objectives']) == 1
     # Optuna's percentile is the share of trials kept: the top (100 - bottom) percent
+    # startup_trials counts trials that reported the epoch (the infeasible ones finish without training)
     pruner = (optuna.pruners.PercentilePruner(100 - sweep['pruning']['percentile'],
                                               n_startup_trials=sweep['pruning']['startup_trials'],
-                                              n_warmup_steps=sweep['pruning']['warmup_epochs'])
+                                              n_warmup_steps=sweep['pruning']['warmup_epochs'],
+                                              n_min_trials=max(1, sweep['pruning']['startup_trials']))
               if single and sweep['pruning'] else optuna.pruners.NopPruner())
     directions = ['maximize'] + ['minimize'] * (len(sweep['objectives']) - 1)
     study = optuna.create_study(storage=storage, study_name=study_name, pruner=pruner, directions=directions,

@@ -249,17 +249,27 @@ def test_pruning_takes_only_the_bottom_percentile(tmp_path):
     spec = sweep.load_sweep(write_sweep(tmp_path / 's.yaml', pruning={'warmup_epochs': 0, 'startup_trials': 4,
                                                                        'percentile': 25}), tmp_path / 'out')
     study = sweep.open_study(spec, sweep.embedded_storage_url(spec), 's')
-    for accuracy in (0.90, 0.85, 0.80, 0.75, 0.70):
+    for _ in range(4):   # infeasible trials finish without training: they are no evidence
+        study.tell(study.ask(), 0.0)
+    for accuracy in (0.90, 0.85, 0.80):
+        trial = study.ask()
+        trial.report(accuracy, 1)
+        study.tell(trial, accuracy)
+    trial = study.ask()
+    trial.report(0.5, 1)
+    assert not trial.should_prune()   # three trained trials so far, startup_trials is 4
+    study.tell(trial, 0.5)
+    for accuracy in (0.75, 0.70):
         trial = study.ask()
         trial.report(accuracy, 1)
         study.tell(trial, accuracy)
     verdicts = {}
-    for accuracy in (0.78, 0.71):   # the earlier trials' 25th percentile is 0.75
+    for accuracy in (0.78, 0.68):   # the 25th percentile of the six trained trials: 0.71
         trial = study.ask()
         trial.report(accuracy, 1)
         verdicts[accuracy] = trial.should_prune()
         study.tell(trial, accuracy)
-    assert verdicts == {0.78: False, 0.71: True}
+    assert verdicts == {0.78: False, 0.68: True}
 
 
 @pytest.mark.slow
