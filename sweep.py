@@ -277,13 +277,12 @@ def integer_accuracy(int_model, validation):
     return float((logits.argmax(1) == labels.numpy()).mean())
 
 
-def firmware_costs(model_path, sweep, data, work):
+def firmware_costs(model_path, cfg, sweep, data, work):
     """Flash, RAM with stack, instructions per inference and fit of the firmware on the emulated chip, run
     on validation images (C against Python on each of them too)."""
     sys.path.insert(0, str(PROJECT_DIR / 'mcu'))
     import firmware
     import training
-    cfg = torch.load(model_path, map_location='cpu', weights_only=False)['config']
     _, held = training.validation_indices(len(data['train_y']), cfg['validation_images'])
     held = held[:sweep['firmware_images']]
     shown = {**data, 'test_x16': data['train_x16'][held], 'test_y': data['train_y'][held]}
@@ -325,7 +324,7 @@ def run_trial(trial, sweep, data, log):
     validation = training.split_validation(data, cfg['validation_images'])[1]
     accuracy = integer_accuracy(int_model, validation)
     if sweep['firmware']:
-        costs.update(firmware_costs(model_path, sweep, data, sweep['dir'] / 'firmware' / f'trial{trial.number}'))
+        costs.update(firmware_costs(model_path, cfg, sweep, data, sweep['dir'] / 'firmware' / f'trial{trial.number}'))
     return record(trial, sweep, costs, accuracy)
 
 
@@ -447,8 +446,9 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
         taken = len(study.get_trials(deepcopy=False, states=finished + (TrialState.RUNNING,)))
         if taken >= sweep['trials']:
             return study
-        if counts(study)['failed'] >= sweep['trials']:
-            raise SweepError(f"{counts(study)['failed']} trials failed (diverged, or could not be exported): "
+        failed = counts(study)['failed']
+        if failed >= sweep['trials']:
+            raise SweepError(f"{failed} trials failed (diverged, or could not be exported): "
                              "look at the base config and the search space (e.g. a smaller learning rate)")
         study.optimize(objective, n_trials=1, callbacks=[after], catch=(Diverged, ExportError))
 

@@ -80,6 +80,19 @@ def training_history(path):
     return torch.load(path, map_location='cpu', weights_only=True)['history']
 
 
+def save_accuracy_plot(fig, ax, xlabel, name):
+    """Test accuracy against a cost on a log scale, written to docs/<name>."""
+    import matplotlib.pyplot as plt
+    ax.set_xscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('MNIST test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(DOCS / name, dpi=120)
+    plt.close(fig)
+
+
 def plots(rows):
     import matplotlib
     matplotlib.use('Agg')
@@ -94,14 +107,7 @@ def plots(rows):
             ax.scatter(size, acc, color='tab:orange', marker='s')
     ax.scatter([], [], color='tab:blue', label='this project (integer model, C engine)')
     ax.scatter([], [], color='tab:orange', marker='s', label='original BitNetMCU (published)')
-    ax.set_xscale('log')
-    ax.set_xlabel('weight size (KB)')
-    ax.set_ylabel('MNIST test accuracy (%)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(DOCS / 'accuracy_vs_size.png', dpi=120)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, 'weight size (KB)', 'accuracy_vs_size.png')
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for chip, marker in (('CH32V003', 'o'), ('CH32V002', '^')):
         mine = [row for row in rows if TARGET[row['name']] == chip]
@@ -110,14 +116,8 @@ def plots(rows):
         for row in mine:
             ax.annotate(ORIGINAL[row['name']][0].split(',')[0], (row[chip]['mean'], 100 * row['c']), fontsize=7,
                         xytext=(4, 3), textcoords='offset points')
-    ax.set_xscale('log')
-    ax.set_xlabel('instructions per inference on the emulated target chip (mean over the test set)')
-    ax.set_ylabel('MNIST test accuracy (%)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(DOCS / 'accuracy_vs_instructions.png', dpi=120)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, 'instructions per inference on the emulated target chip (mean over the test set)',
+                       'accuracy_vs_instructions.png')
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
         history = row['history']

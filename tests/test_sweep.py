@@ -147,6 +147,22 @@ def postgres():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def training_trial(proc, url, timeout=240):
+    """The first trial of study 'shared' seen training (its worker's pid recorded) while proc runs, or None."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            running = optuna.load_study(study_name='shared', storage=url).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:   # the study is not created yet
+            continue
+        for t in running:
+            if 'pid' in t.user_attrs:
+                return t
+    return None
+
+
 def sweep_command(spec_file, out, storage, workers):
     cmd = [sys.executable, str(ROOT / 'sweep.py'), str(spec_file), '--dir', str(out), '--workers', str(workers),
            '--study', 'shared']
@@ -165,19 +181,9 @@ def test_two_workers_share_a_study_and_a_killed_trial_is_retried(tmp_path, reque
     url = storage or f"sqlite:///{out / 'study.db'}"
     first = subprocess.Popen(sweep_command(spec_file, out, storage, 2), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    killed, deadline = None, time.time() + 240
-    while killed is None and time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)
-        try:
-            running = optuna.load_study(study_name='shared', storage=url).get_trials(
-                states=(optuna.trial.TrialState.RUNNING,))
-        except Exception:   # the study is not created yet
-            continue
-        for t in running:
-            if 'pid' in t.user_attrs:
-                os.kill(t.user_attrs['pid'], signal.SIGKILL)
-                killed = t
-                break
+    killed = training_trial(first, url)
+    if killed is not None:
+        os.kill(killed.user_attrs['pid'], signal.SIGKILL)
     log = first.communicate(timeout=600)[0]
     assert killed is not None, f"no trial was seen running:\n{log[-3000:]}"
     assert first.returncode == 1 and 'worker exit statuses' in log   # the parent says a worker died
@@ -218,17 +224,9 @@ def test_a_stopped_sweep_queues_its_trial_again(tmp_path):
     url = f"sqlite:///{out / 'study.db'}"
     proc = subprocess.Popen(sweep_command(spec_file, out, None, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    stopped, deadline = None, time.time() + 240
-    while stopped is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        try:
-            running = optuna.load_study(study_name='shared', storage=url).get_trials(
-                states=(optuna.trial.TrialState.RUNNING,))
-        except Exception:
-            continue
-        if running and 'pid' in running[0].user_attrs:
-            proc.send_signal(signal.SIGTERM)
-            stopped = running[0]
+    stopped = training_trial(proc, url)
+    if stopped is not None:
+        proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert stopped is not None and proc.returncode == 130, log[-2000:]
     study = optuna.load_study(study_name='shared', storage=url)
