@@ -80,8 +80,28 @@ def training_history(path):
     return torch.load(path, map_location='cpu', weights_only=True)['history']
 
 
-def save_accuracy_plot(fig, ax, xlabel, name):
-    """Test accuracy against a cost on a log scale, written to docs/<name>."""
+def place_labels(fig, ax, labels):
+    """Annotate (x, y, text) points: right of the point, or left of it where the axes end, and moved down in
+    10-point steps until the label overlaps no label placed before it (points close together, like the three
+    64/64/64 FC models, stay readable)."""
+    fig.canvas.draw()
+    renderer, placed = fig.canvas.get_renderer(), []
+    for x, y, text in sorted(labels, key=lambda label: -label[1]):
+        for step in range(12):
+            note = ax.annotate(text, (x, y), fontsize=7, xytext=(4, 3 - 10 * step), textcoords='offset points')
+            if note.get_window_extent(renderer).x1 > ax.bbox.x1:
+                note.remove()
+                note = ax.annotate(text, (x, y), fontsize=7, xytext=(-4, 3 - 10 * step), textcoords='offset points',
+                                   ha='right')
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        placed.append(box)
+
+
+def save_accuracy_plot(fig, ax, xlabel, name, labels):
+    """Test accuracy against a cost on a log scale, its points labelled, written to docs/<name>."""
     import matplotlib.pyplot as plt
     ax.set_xscale('log')
     ax.set_xlabel(xlabel)
@@ -89,6 +109,7 @@ def save_accuracy_plot(fig, ax, xlabel, name):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
     fig.tight_layout()
+    place_labels(fig, ax, labels)
     fig.savefig(DOCS / name, dpi=120)
     plt.close(fig)
 
@@ -99,25 +120,22 @@ def plots(rows):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
-        what, acc, size, _ = ORIGINAL[row['name']]
+        _, acc, size, _ = ORIGINAL[row['name']]
         ax.scatter(row['weights'] / 1024, 100 * row['c'], color='tab:blue')
-        ax.annotate(what.split(',')[0], (row['weights'] / 1024, 100 * row['c']), fontsize=7,
-                    xytext=(4, 3), textcoords='offset points')
         if acc is not None:
             ax.scatter(size, acc, color='tab:orange', marker='s')
     ax.scatter([], [], color='tab:blue', label='this project (integer model, C engine)')
     ax.scatter([], [], color='tab:orange', marker='s', label='original BitNetMCU (published)')
-    save_accuracy_plot(fig, ax, 'weight size (KB)', 'accuracy_vs_size.png')
+    save_accuracy_plot(fig, ax, 'weight size (KB)', 'accuracy_vs_size.png',
+                       [(row['weights'] / 1024, 100 * row['c'], row['name']) for row in rows])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for chip, marker in (('CH32V003', 'o'), ('CH32V002', '^')):
         mine = [row for row in rows if TARGET[row['name']] == chip]
         ax.scatter([row[chip]['mean'] for row in mine], [100 * row['c'] for row in mine], marker=marker,
                    label=f"made for the {chip} (instructions there)")
-        for row in mine:
-            ax.annotate(ORIGINAL[row['name']][0].split(',')[0], (row[chip]['mean'], 100 * row['c']), fontsize=7,
-                        xytext=(4, 3), textcoords='offset points')
     save_accuracy_plot(fig, ax, 'instructions per inference on the emulated target chip (mean over the test set)',
-                       'accuracy_vs_instructions.png')
+                       'accuracy_vs_instructions.png',
+                       [(row[TARGET[row['name']]]['mean'], 100 * row['c'], row['name']) for row in rows])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
         history = row['history']

@@ -1,10 +1,12 @@
 """Training: models build for every type, a short real run learns, resume is exact, output is complete."""
 import math
+import sys
 
 import pytest
 import torch
 
 import training
+from conftest import ROOT
 from BitNetMCU import QUANT_TYPES, build_model, quant_layers
 from config import ConfigError, load_config, run_name
 
@@ -274,3 +276,33 @@ def test_int8_activation_convolutions_choose_and_freeze_their_shift():
     assert int(conv.act_shift) == shift                # not within an epoch
     conv.update_clipping()
     assert int(conv.act_shift) > shift                 # at the next clipping update
+
+
+def _write_metrics(run_dir, val, test):
+    run_dir.mkdir(parents=True)
+    lines = ['epoch,test_acc,val_acc'] + [f'{i + 1},{t},{v}' for i, (v, t) in enumerate(zip(val, test))]
+    (run_dir / 'metrics.csv').write_text('\n'.join(lines) + '\n')
+
+
+def test_compare_runs_ranks_by_validation_alone(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / 'docs'))
+    import compare_runs
+    # b has the best test accuracy, a the best validation accuracy: a ranks first.
+    _write_metrics(tmp_path / 'a', [0.98, 0.991, 0.990], [0.97, 0.980, 0.990])
+    _write_metrics(tmp_path / 'b', [0.98, 0.989, 0.989], [0.99, 0.995, 0.996])
+    plot = tmp_path / 'curves.png'
+    assert compare_runs.main([str(tmp_path / 'b'), str(tmp_path / 'a'), '--plot', str(plot), '--last', '2']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| a') or line.startswith('| b')]
+    assert rows == ['| a | 3 | 2 | 99.10 % | 99.05 % | 98.00 % |', '| b | 3 | 2 | 98.90 % | 98.90 % | 99.50 % |']
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_compare_runs_refuses_a_run_without_validation(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / 'docs'))
+    import compare_runs
+    (tmp_path / 'r').mkdir()
+    (tmp_path / 'r' / 'metrics.csv').write_text('epoch,test_acc\n1,0.9\n')
+    assert compare_runs.main([str(tmp_path / 'r')]) == 2
+    assert 'no val_acc column' in capsys.readouterr().err
+    assert compare_runs.main([str(tmp_path / 'missing')]) == 2
+    assert 'does not exist' in capsys.readouterr().err

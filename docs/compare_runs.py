@@ -1,0 +1,103 @@
+"""Compare training runs on their validation accuracy: a table ranked by validation, and the curves.
+
+    python docs/compare_runs.py runs/<run A> runs/<run B> ... [--plot docs/<name>.png] [--last 10]
+
+Each run is a folder written by training.py (runs/<name>/metrics.csv) of a config with
+`validation_images` > 0. The ranking uses validation accuracy alone: the epoch keep_best keeps (the best
+validation epoch, the earliest of equals) and the mean over the last `--last` epochs. The test accuracy of
+that kept epoch is printed beside it to report, never to choose.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from fileio import atomic_write  # noqa: E402
+
+
+class RunError(ValueError):
+    """A run folder cannot be read; the message names it and says why."""
+
+
+def read_history(run_dir):
+    """The epochs of runs/<name>/metrics.csv as dicts of floats (epoch as int)."""
+    path = Path(run_dir) / 'metrics.csv'
+    if not path.is_file():
+        raise RunError(f"{path} does not exist: pass the folder training.py writes for a run (runs/<name>)")
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise RunError(f"{path} holds no epochs yet")
+    if 'val_acc' not in rows[0]:
+        raise RunError(f"{path} has no val_acc column: the run held out no validation images "
+                       "(set validation_images, e.g. 5000, to compare runs honestly)")
+    try:
+        return [{key: int(value) if key == 'epoch' else float(value) for key, value in row.items() if value != ''}
+                for row in rows]
+    except ValueError as e:
+        raise RunError(f"{path}: {e}") from None
+
+
+def summarize(name, history, last):
+    best = max(history, key=lambda m: (m['val_acc'], -m['epoch']))
+    tail = history[-last:]
+    return {'run': name, 'epochs': history[-1]['epoch'], 'best_epoch': best['epoch'], 'best_val': best['val_acc'],
+            'mean_val_last': sum(m['val_acc'] for m in tail) / len(tail), 'test_at_best': best['test_acc']}
+
+
+def table(rows, last):
+    lines = [f"| run | epochs | kept epoch (best val) | val there | mean val, last {last} | test there (report) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['epochs']} | {r['best_epoch']} | {100 * r['best_val']:.2f} % | "
+                     f"{100 * r['mean_val_last']:.2f} % | {100 * r['test_at_best']:.2f} % |")
+    return '\n'.join(lines)
+
+
+def plot(histories, path):
+    import io
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, history in histories.items():
+        ax.plot([m['epoch'] for m in history], [100 * m['val_acc'] for m in history], label=name, linewidth=1)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation accuracy, float QAT model (%)')
+    low = min(100 * m['val_acc'] for h in histories.values() for m in h[len(h) // 5:])
+    ax.set_ylim(low - 0.05, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120, metadata={'Software': None})
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='+', help='run folders (runs/<name>)')
+    parser.add_argument('--plot', type=Path, help='write the validation curves to this PNG')
+    parser.add_argument('--last', type=int, default=10, help='epochs averaged at the end of each run (default 10)')
+    args = parser.parse_args(argv)
+    if args.last < 1:
+        parser.error(f"--last {args.last}: must be at least 1")
+    try:
+        histories = {Path(run).name: read_history(run) for run in args.runs}
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = sorted((summarize(name, h, args.last) for name, h in histories.items()),
+                  key=lambda r: (-r['best_val'], -r['mean_val_last']))
+    print(table(rows, args.last))
+    if args.plot:
+        plot(histories, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
