@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fileio import atomic_write  # noqa: E402
+from training import best_epoch  # noqa: E402
 
 
 class RunError(ValueError):
@@ -41,7 +42,7 @@ def read_history(run_dir):
 
 
 def summarize(name, history, last):
-    best = max(history, key=lambda m: (m['val_acc'], -m['epoch']))
+    best = best_epoch(history)   # the epoch keep_best keeps
     tail = history[-last:]
     return {'run': name, 'epochs': history[-1]['epoch'], 'best_epoch': best['epoch'], 'best_val': best['val_acc'],
             'mean_val_last': sum(m['val_acc'] for m in tail) / len(tail), 'test_at_best': best['test_acc']}
