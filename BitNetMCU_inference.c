@@ -388,29 +388,51 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
  * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
  * is low minus high: one shift and one add per weight, with no sign to test. `lane` is the fewest bits that
- * hold the largest possible positive sum. Reads the channel's codes (bit 3 the sign, bits 0-2 e) and writes
- * the nine shift amounts; returns 0 (use conv_weights) when the negative sum does not fit in the bits left. */
-static uint32_t fp130_lanes(const uint32_t *codes, uint32_t max_input, uint32_t r[9])
+ * hold the largest possible positive sum.
+ * The channel's set-up, in one pass over its codes (bit 3 the sign, bits 0-2 e) and without a multiply: the
+ * codes in r, and offset and fill times the sum of the weights, as sums of shifts. Returns the lane width,
+ * or 0 where the largest negative sum does not fit in the bits left (then conv_fp130_shifts). */
+static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, int32_t fill, uint32_t r[9], int32_t *offset_sum,
+                            int32_t *fill_sum)
 {
-    uint32_t positive = 0, negative = 0, lane = 0, word = 0, left = 0;
-    for (uint32_t i = 0; i < 9u; i++) {
-        if (left == 0) {
-            word = *codes++;
-            left = 32;
+    uint32_t max_input = (uint32_t)(127 - offset), positive = 0, negative = 0, lane = 0, word = codes[0];
+    int32_t by_offset = 0, by_fill = 0;
+    for (uint32_t i = 0; i < 9u; i++, word <<= 4) {
+        if (i == 8u) word = codes[1];
+        uint32_t code = word >> 28, e = code & 7u;
+        r[i] = code;
+        if (code & 8u) {
+            negative += max_input << e;
+            by_offset -= shl(offset, e);
+            by_fill -= shl(fill, e);
+        } else {
+            positive += max_input << e;
+            by_offset += shl(offset, e);
+            by_fill += shl(fill, e);
         }
-        left -= 4u;
-        r[i] = (word >> left) & 15u;
-        if (r[i] & 8u) negative += 1u << (r[i] & 7u);
-        else positive += 1u << (r[i] & 7u);
     }
-    uint32_t max_positive = (uint32_t)times_small((int32_t)max_input, (int32_t)positive);
-    uint32_t max_negative = (uint32_t)times_small((int32_t)max_input, (int32_t)negative);
-    while (lane < 32u && (max_positive >> lane) != 0u) lane++;
-    if (lane == 0u || lane >= 32u || (max_negative >> (32u - lane)) != 0u)
-        return 0;
-    for (uint32_t i = 0; i < 9u; i++)
-        r[i] = (r[i] & 7u) + ((r[i] & 8u) ? lane : 0u);
-    return lane;
+    *offset_sum = by_offset;
+    *fill_sum = by_fill;
+    while ((positive >> lane) != 0u) lane++;
+    return lane == 0u || lane >= 32u || (negative >> (32u - lane)) != 0u ? 0u : lane;
+}
+
+/* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract. Computes every output. */
+static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t codes[9],
+                              uint32_t shift, uint8_t *output)
+{
+    uint32_t out_size = size - 2u;
+    for (uint32_t y = 0; y < out_size; y++, input += size) {
+        for (uint32_t x = 0; x < out_size; x++) {
+            int32_t sum = bias;
+            for (uint32_t i = 0, row = x; i < 9u; i += 3u, row += size)
+                for (uint32_t k = 0; k < 3u; k++) {
+                    int32_t v = shl(input[row + k], codes[i + k] & 7u);
+                    sum += (codes[i + k] & 8u) ? -v : v;
+                }
+            *output++ = requantize(sum, shift);
+        }
+    }
 }
 
 /* One output row's lane sums. With the plane
@@ -461,24 +483,90 @@ static NOINLINE void fp130_pool_row(const uint32_t *acc, const uint32_t *below, 
     }
 }
 
-/* The row loop on its own, where all of RV32E's registers are free for it; with the plane size of the 16x16
- * models' first two convolutions as a constant. */
-static NOINLINE void fp130_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
-{
-    fp130_lane_row(p, 16u, r, acc, n);
-}
-
 static NOINLINE void fp130_lane_row_any(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
     fp130_lane_row(p, size, r, acc, n);
 }
 
+#if defined(__riscv) && __riscv_xlen == 32 && !defined(BITNETMCU_NO_ASM)
+/* The row loop in RV32E assembly, for the planes of the 16x16 models' first two convolutions (16 and 14 wide:
+ * the plane size is in the load offsets). Compiled C keeps at most 12 values in registers and this loop needs
+ * 13: p, acc, the sum, the loaded pixel and the nine shift amounts. It also takes tp, which no bare-metal code
+ * (interrupt handlers included) uses, and saves it with ra, s0 and s1; the end pointer lives on the stack.
+ * Unrolled by two, entered in its second half when n is odd: 29 instructions an output against the compiled
+ * loop's 37. */
+void bitnetmcu_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n);
+void bitnetmcu_lane_row14(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n);
+__asm__(
+    ".macro BITNETMCU_LANE_SUM size, at\n"   /* a4 = the lane sum of the output at p + at */
+    "    lbu a4, \\at(a0)\n              sll a4, a4, t0\n"
+    "    lbu a5, \\at+1(a0)\n            sll a5, a5, t1\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2(a0)\n            sll a5, a5, t2\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size(a0)\n        sll a5, a5, s0\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size+1(a0)\n      sll a5, a5, s1\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size+2(a0)\n      sll a5, a5, ra\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size(a0)\n      sll a5, a5, tp\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size+1(a0)\n    sll a5, a5, a3\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size+2(a0)\n    sll a5, a5, a1\n  add a4, a4, a5\n"
+    ".endm\n"
+    ".macro BITNETMCU_LANE_ROW name, size\n"
+    "    .pushsection .text.\\name, \"ax\", @progbits\n"
+    "    .globl \\name\n"
+    "    .type \\name, @function\n"
+    "    .p2align 1\n"
+    "\\name:\n"
+    "    beqz a3, 3f\n"
+    "    addi sp, sp, -20\n"
+    "    sw s0, 0(sp)\n    sw s1, 4(sp)\n    sw ra, 8(sp)\n    sw tp, 12(sp)\n"
+    "    add a5, a0, a3\n"
+    "    sw a5, 16(sp)\n"                       /* the end of p */
+    "    andi a5, a3, 1\n"
+    "    lw t0, 0(a1)\n    lw t1, 4(a1)\n    lw t2, 8(a1)\n    lw s0, 12(a1)\n    lw s1, 16(a1)\n"
+    "    lw ra, 20(a1)\n    lw tp, 24(a1)\n    lw a3, 28(a1)\n    lw a1, 32(a1)\n"
+    "    beqz a5, 1f\n"
+    "    addi a0, a0, -1\n"                     /* odd n: the first output is the second half's */
+    "    addi a2, a2, -4\n"
+    "    j 2f\n"
+    "1:\n"
+    "    BITNETMCU_LANE_SUM \\size, 0\n"
+    "    sw a4, 0(a2)\n"
+    "2:\n"
+    "    BITNETMCU_LANE_SUM \\size, 1\n"
+    "    sw a4, 4(a2)\n"
+    "    addi a0, a0, 2\n"
+    "    addi a2, a2, 8\n"
+    "    lw a5, 16(sp)\n"
+    "    bne a0, a5, 1b\n"
+    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
+    "    addi sp, sp, 20\n"
+    "3:\n"
+    "    ret\n"
+    "    .size \\name, . - \\name\n"
+    "    .popsection\n"
+    ".endm\n"
+    "BITNETMCU_LANE_ROW bitnetmcu_lane_row16, 16\n"
+    "BITNETMCU_LANE_ROW bitnetmcu_lane_row14, 14\n");
+
+SPECIALIZE void lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+{
+    if (size == 16u) bitnetmcu_lane_row16(p, r, acc, n);
+    else if (size == 14u) bitnetmcu_lane_row14(p, r, acc, n);
+    else fp130_lane_row_any(p, size, r, acc, n);
+}
+#else
+/* The row loop on its own, where all the registers are free for it; with the plane size of the 16x16 models'
+ * first convolution as a constant. */
+static NOINLINE void fp130_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
+{
+    fp130_lane_row(p, 16u, r, acc, n);
+}
+
 SPECIALIZE void lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
     if (size == 16u) fp130_lane_row16(p, r, acc, n);
-
     else fp130_lane_row_any(p, size, r, acc, n);
 }
+#endif
 
 /* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
 SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
@@ -498,10 +586,12 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
     *hi = (*hi + 1u) & ~1u;
 }
 
-static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t lane,
+static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t codes[9], uint32_t lane,
                              uint32_t shift, uint8_t *output, const uint8_t *extent, uint8_t fill, uint32_t pool)
 {
-    uint32_t out_size = size - 2u, acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
+    uint32_t out_size = size - 2u, acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi, r[9];
+    for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
+        r[i] = (codes[i] & 7u) + ((codes[i] & 8u) ? lane : 0u);
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
@@ -532,30 +622,43 @@ SPECIALIZE int32_t weight_sum(const int32_t w[9])
 
 /* The input is plane + offset: its share, offset x the sum of the weights, is added once with the rounding.
  * Outside the extent every input is `fill`, every output the same: returned. */
-SPECIALIZE uint32_t qconv_weights(const uint8_t *input, int32_t offset, uint32_t size, const int32_t w[9],
-                                  const uint32_t *fp130_codes, uint32_t shift, uint8_t *output,
-                                  const uint8_t *extent, uint32_t fill, uint32_t pool)
+static uint32_t qconv_weights(const uint8_t *input, int32_t offset, uint32_t size, const int32_t w[9], uint32_t shift,
+                              uint8_t *output, uint32_t fill, uint32_t pool)
 {
     int32_t total = weight_sum(w);
     int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
-    uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
-    uint32_t r[9], lane;
-    if (fp130_codes && size <= BITNETMCU_MAX_PLANE && (lane = fp130_lanes(fp130_codes, (uint32_t)(127 - offset), r)))
-        conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out, pool);
-    else {
-        conv_weights(input, bias, size, w, shift, output);
-        if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
+    conv_weights(input, bias, size, w, shift, output);
+    if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
+    return requantize(times_small((int32_t)fill, total) + bias, shift);
+}
+
+/* FP130 sums shifts (in lanes where they fit); every other type takes a product per weight. */
+SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, const uint32_t *codes, uint32_t shift,
+                          uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool, enum qtype t)
+{
+    if (t == FP130) {
+        uint32_t r[9], lane;
+        int32_t offset_sum, fill_sum;
+        lane = fp130_setup(codes, offset, (int32_t)fill, r, &offset_sum, &fill_sum);
+        int32_t bias = offset_sum + (int32_t)((1u << shift) >> 1);
+        uint8_t fill_out = requantize(fill_sum + bias, shift);
+        if (lane && size <= BITNETMCU_MAX_PLANE)
+            conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out, pool);
+        else {
+            conv_fp130_shifts(input, bias, size, r, shift, output);
+            if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
+        }
+        return fill_out;
     }
-    return fill_out;
+    int32_t w[9];
+    channel_weights(codes, w, t);
+    return qconv_weights(input, offset, size, w, shift, output, fill, pool);
 }
 
 #define BITNETMCU_DEFINE_QCONV(name, id, log2_bits)                                               \
     BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name)                                             \
     {                                                                                             \
-        int32_t w[9];                                                                             \
-        channel_weights(weights, w, id);                                                          \
-        return qconv_weights(input, offset, size, w, id == FP130 ? weights : 0, shift, output,    \
-                             extent, fill, pool);                                                 \
+        return qconv(input, offset, size, weights, shift, output, extent, fill, pool, id);        \
     }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_QCONV)
 
@@ -569,7 +672,8 @@ BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
         frac &= 0xFFFFu;
         w[i] = trit == 0u ? 1 : trit == 1u ? -1 : 0;
     }
-    return qconv_weights(input, offset, size, w, 0, shift, output, extent, fill, pool);
+    (void)extent;   /* computes every output: the extent only saves time */
+    return qconv_weights(input, offset, size, w, shift, output, fill, pool);
 }
 
 void BitNetMCU_plane_extent(const uint8_t *plane, uint32_t size, uint8_t *extent)
