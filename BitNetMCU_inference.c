@@ -13,9 +13,13 @@ const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
 #if defined(__GNUC__)
 #define SPECIALIZE static inline __attribute__((always_inline))
 #define NOINLINE __attribute__((noinline))
+/* An empty asm that GCC must assume changes x: it keeps GCC from hoisting loads above it, and so from
+ * running out of RV32E's registers. */
+#define KEEP_IN_REGISTER(x) __asm__("" : "+r"(x))
 #else
 #define SPECIALIZE static inline
 #define NOINLINE
+#define KEEP_IN_REGISTER(x) ((void)(x))
 #endif
 #define BITNETMCU_ENUM(name, id, log2_bits) id,
 enum qtype { BITNETMCU_FC_TYPES(BITNETMCU_ENUM) };
@@ -336,8 +340,9 @@ SPECIALIZE void channel_weights(const uint32_t *w, int32_t weight[9], enum qtype
 /* sum >> shift, clamped to the 7-bit activation range (the rounding half is already in sum). */
 SPECIALIZE uint8_t requantize(int32_t sum, uint32_t shift)
 {
-    sum >>= shift;
-    return (uint8_t)(sum < 0 ? 0 : sum > 127 ? 127 : sum);
+    uint32_t q = (uint32_t)(sum >> shift);   /* one unsigned compare finds both ends of the range */
+    if (q > 127u) q = sum < 0 ? 0u : 127u;
+    return (uint8_t)q;
 }
 
 /* weight x input: a shift for a power of two (log2 < 32), else shifts and adds (or a multiply). */
@@ -357,7 +362,7 @@ SPECIALIZE void row_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32
     *hi = extent ? extent[2u * y + 1u] : n;
 }
 
-SPECIALIZE void fill_bytes(uint8_t *out, uint32_t n, uint8_t value)
+static NOINLINE void fill_bytes(uint8_t *out, uint32_t n, uint8_t value)
 {
     for (uint8_t *end = out + n; out != end; out++) *out = value;
 }
@@ -435,9 +440,15 @@ static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size,
     }
 }
 
-/* One output row's lane sums. With the plane
- * size a constant the three input rows are offsets of one pointer, which leaves RV32E's registers to the
- * nine shift amounts: per weight a load, a shift and an add. */
+/* One channel's lane convolution: the shift amounts first (the row loops read them through the same pointer). */
+struct lanes {
+    uint32_t r[9];            /* e, or lane + e for a negative weight */
+    uint32_t size, lane, shift;
+    int32_t bias;
+};
+
+/* One output row's lane sums. With the plane size a constant the three input rows are offsets of one pointer,
+ * which leaves the registers to the nine shift amounts: per weight a load, a shift and an add. */
 SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
 {
     const uint32_t r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5], r6 = r[6], r7 = r[7], r8 = r[8];
@@ -451,41 +462,11 @@ SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r
 #undef BITNETMCU_LANE_SUM
 }
 
-/* A lane sum as the convolution's sum: low lane minus high lane. */
-SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
-{
-    return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
-}
+typedef void lane_row_fn(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n);
 
-/* Lane sums to requantized outputs: its own function, so that its five constants stay in registers. */
-static NOINLINE void fp130_requantize_row(const uint32_t *acc, uint32_t n, uint32_t lane, int32_t bias,
-                                          uint32_t shift, uint8_t *output)
+static NOINLINE void fp130_lane_row_any(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n)
 {
-    uint32_t mask = (1u << lane) - 1u;
-    for (const uint32_t *end = acc + n; acc != end; acc++)
-        *output++ = requantize(lane_value(*acc, mask, lane) + bias, shift);
-}
-
-/* Two rows of lane sums to 2x2 max-pooled outputs: the requantized maximum of each four sums, the same as
- * the maximum of their requantized values (requantization never decreases), for a quarter of the work. */
-static NOINLINE void fp130_pool_row(const uint32_t *acc, const uint32_t *below, uint32_t n, uint32_t lane,
-                                    int32_t bias, uint32_t shift, uint8_t *output)
-{
-    uint32_t mask = (1u << lane) - 1u;
-    for (const uint32_t *end = acc + n; acc != end; acc += 2, below += 2) {
-        int32_t m = lane_value(acc[0], mask, lane), v = lane_value(acc[1], mask, lane);
-        if (v > m) m = v;
-        v = lane_value(below[0], mask, lane);
-        if (v > m) m = v;
-        v = lane_value(below[1], mask, lane);
-        if (v > m) m = v;
-        *output++ = requantize(m + bias, shift);
-    }
-}
-
-static NOINLINE void fp130_lane_row_any(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
-{
-    fp130_lane_row(p, size, r, acc, n);
+    fp130_lane_row(p, c->size, c->r, acc, n);
 }
 
 #if defined(__riscv) && __riscv_xlen == 32 && !defined(BITNETMCU_NO_ASM)
@@ -495,8 +476,7 @@ static NOINLINE void fp130_lane_row_any(const uint8_t *p, uint32_t size, const u
  * (interrupt handlers included) uses, and saves it with ra, s0 and s1; the end pointer lives on the stack.
  * Unrolled by two, entered in its second half when n is odd: 29 instructions an output against the compiled
  * loop's 37. */
-void bitnetmcu_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n);
-void bitnetmcu_lane_row14(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n);
+lane_row_fn bitnetmcu_lane_row16, bitnetmcu_lane_row14;
 __asm__(
     ".macro BITNETMCU_LANE_SUM size, at\n"   /* a4 = the lane sum of the output at p + at */
     "    lbu a4, \\at(a0)\n              sll a4, a4, t0\n"
@@ -547,26 +527,56 @@ __asm__(
     "BITNETMCU_LANE_ROW bitnetmcu_lane_row16, 16\n"
     "BITNETMCU_LANE_ROW bitnetmcu_lane_row14, 14\n");
 
-SPECIALIZE void lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+SPECIALIZE lane_row_fn *lane_row(uint32_t size)
 {
-    if (size == 16u) bitnetmcu_lane_row16(p, r, acc, n);
-    else if (size == 14u) bitnetmcu_lane_row14(p, r, acc, n);
-    else fp130_lane_row_any(p, size, r, acc, n);
+    return size == 16u ? bitnetmcu_lane_row16 : size == 14u ? bitnetmcu_lane_row14 : fp130_lane_row_any;
 }
 #else
 /* The row loop on its own, where all the registers are free for it; with the plane size of the 16x16 models'
  * first convolution as a constant. */
-static NOINLINE void fp130_lane_row16(const uint8_t *p, const uint32_t r[9], uint32_t *acc, uint32_t n)
+static NOINLINE void fp130_lane_row16(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n)
 {
-    fp130_lane_row(p, 16u, r, acc, n);
+    fp130_lane_row(p, 16u, c->r, acc, n);
 }
 
-SPECIALIZE void lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
+SPECIALIZE lane_row_fn *lane_row(uint32_t size)
 {
-    if (size == 16u) fp130_lane_row16(p, r, acc, n);
-    else fp130_lane_row_any(p, size, r, acc, n);
+    return size == 16u ? fp130_lane_row16 : fp130_lane_row_any;
 }
 #endif
+
+/* A lane sum as the convolution's sum: low lane minus high lane. */
+SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
+{
+    return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
+}
+
+/* Lane sums to requantized outputs: its own function, so that its constants stay in registers. */
+static NOINLINE void fp130_requantize_row(const struct lanes *c, const uint32_t *acc, uint32_t n, uint8_t *output)
+{
+    const uint32_t lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
+    const int32_t bias = c->bias;
+    for (const uint32_t *end = acc + n; acc != end; acc++)
+        *output++ = requantize(lane_value(*acc, mask, lane) + bias, shift);
+}
+
+/* Two rows of lane sums (the second BITNETMCU_MAX_PLANE - 2 words after the first: one pointer for both) to
+ * 2x2 max-pooled outputs: the requantized maximum of each four sums, the same as the maximum of their
+ * requantized values (requantization never decreases), for a quarter of the work. */
+static NOINLINE void fp130_pool_row(const struct lanes *c, const uint32_t *acc, uint32_t n, uint8_t *output)
+{
+    const uint32_t below = BITNETMCU_MAX_PLANE - 2u, lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
+    const int32_t bias = c->bias;
+    for (const uint8_t *end = output + (n >> 1); output != end; acc += 2) {
+        int32_t m = lane_value(acc[0], mask, lane);
+        for (uint32_t k = 1; k < 4u; k++) {   /* one sum at a time: few enough registers that none spills */
+            int32_t v = lane_value(acc[k == 1u ? 1u : k == 2u ? below : below + 1u], mask, lane);
+            if (v > m) m = v;
+            KEEP_IN_REGISTER(m);
+        }
+        *output++ = requantize(m + bias, shift);
+    }
+}
 
 /* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
 SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
@@ -586,18 +596,18 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
     *hi = (*hi + 1u) & ~1u;
 }
 
-static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t codes[9], uint32_t lane,
-                             uint32_t shift, uint8_t *output, const uint8_t *extent, uint8_t fill, uint32_t pool)
+static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output,
+                                      const uint8_t *extent, uint8_t fill, uint32_t pool)
 {
-    uint32_t out_size = size - 2u, acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi, r[9];
-    for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
-        r[i] = (codes[i] & 7u) + ((codes[i] & 8u) ? lane : 0u);
+    const uint32_t size = c->size, out_size = size - 2u;
+    uint32_t acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
+    lane_row_fn *row = lane_row(size);
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
             fill_bytes(output, lo, fill);
-            lane_row(input + lo, size, r, acc[0], hi - lo);
-            fp130_requantize_row(acc[0], hi - lo, lane, bias, shift, output + lo);
+            row(input + lo, c, acc[0], hi - lo);
+            fp130_requantize_row(c, acc[0], hi - lo, output + lo);
             fill_bytes(output + hi, out_size - hi, fill);
         }
         return;
@@ -605,9 +615,9 @@ static void conv_fp130_lanes(const uint8_t *input, int32_t bias, uint32_t size, 
     for (uint32_t y = 0; y < out_size; y += 2u, input += 2u * size, output += out_size >> 1) {
         pair_extent(extent, y, out_size, &lo, &hi);
         fill_bytes(output, lo >> 1, fill);
-        lane_row(input + lo, size, r, acc[0], hi - lo);
-        lane_row(input + size + lo, size, r, acc[1], hi - lo);
-        fp130_pool_row(acc[0], acc[1], hi - lo, lane, bias, shift, output + (lo >> 1));
+        row(input + lo, c, acc[0], hi - lo);
+        row(input + size + lo, c, acc[1], hi - lo);
+        fp130_pool_row(c, acc[0], hi - lo, output + (lo >> 1));
         fill_bytes(output + (hi >> 1), (out_size - hi) >> 1, fill);
     }
 }
@@ -637,15 +647,21 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
                           uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool, enum qtype t)
 {
     if (t == FP130) {
-        uint32_t r[9], lane;
+        struct lanes c;
         int32_t offset_sum, fill_sum;
-        lane = fp130_setup(codes, offset, (int32_t)fill, r, &offset_sum, &fill_sum);
+        uint32_t lane = fp130_setup(codes, offset, (int32_t)fill, c.r, &offset_sum, &fill_sum);
         int32_t bias = offset_sum + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize(fill_sum + bias, shift);
-        if (lane && size <= BITNETMCU_MAX_PLANE)
-            conv_fp130_lanes(input, bias, size, r, lane, shift, output, extent, fill_out, pool);
-        else {
-            conv_fp130_shifts(input, bias, size, r, shift, output);
+        if (lane && size <= BITNETMCU_MAX_PLANE) {
+            for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
+                c.r[i] = (c.r[i] & 7u) + ((c.r[i] & 8u) ? lane : 0u);
+            c.size = size;
+            c.lane = lane;
+            c.shift = shift;
+            c.bias = bias;
+            conv_fp130_lanes(input, &c, output, extent, fill_out, pool);
+        } else {
+            conv_fp130_shifts(input, bias, size, c.r, shift, output);
             if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
         }
         return fill_out;
