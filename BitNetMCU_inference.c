@@ -124,9 +124,8 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
     }
 }
 
-/* table entry for the 4-bit (2-bit) code at bit position `pos` of word: the code x 2 is a byte offset. */
+/* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
-#define TABLE2(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x6u)))
 
 /* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
 SPECIALIZE int32_t multiply_small(int32_t a, int32_t b)
@@ -155,33 +154,64 @@ SPECIALIZE int32_t times_small(int32_t a, int32_t b)
 }
 #endif
 
+/* 1- and 2-bit types: the codes of 4 >> log2_bits consecutive inputs sit side by side as one 4-bit code. Half
+ * of that code (one 2-bit input, or two 1-bit inputs) and its 4 summed products, from the inputs left (an input
+ * past n_in counts as `zero`). */
+SPECIALIZE void group_half(const int8_t *in, uint32_t left, int32_t zero, int32_t half[4], enum qtype t)
+{
+    int32_t x0 = left > 0u ? in[0] - zero : 0, x1 = left > 1u ? in[1] - zero : 0;
+    for (uint32_t c = 0; c < 4u; c++)
+        half[c] = t == TWOBITSYM ? times_code(x0, c, t) : times_code(x0, c >> 1, t) + times_code(x1, c & 1u, t);
+}
+
+/* The table of a group: for each 4-bit code, the sum of the group's products. Returns 0 where every input of
+ * the group is `zero`: nothing to add. */
+SPECIALIZE uint32_t build_group_table(const int8_t *in, uint32_t left, int32_t zero, int16_t table[16], enum qtype t)
+{
+    uint32_t half = 2u >> log2_bits(t), any = 0;   /* inputs per half */
+    for (uint32_t j = 0; j < half + half && j < left; j++) any |= (uint32_t)(in[j] - zero);
+    if (!any) return 0;
+    int32_t high[4], low[4];
+    group_half(in, left, zero, high, t);
+    group_half(in + half, left > half ? left - half : 0u, zero, low, t);
+    for (uint32_t h = 0; h < 4u; h++, table += 4) {
+        table[0] = (int16_t)(high[h] + low[0]);
+        table[1] = (int16_t)(high[h] + low[1]);
+        table[2] = (int16_t)(high[h] + low[2]);
+        table[3] = (int16_t)(high[h] + low[3]);
+    }
+    return 1;
+}
+
 /* Input-major layout: each input that differs from `zero` adds its products to all outputs, one table
- * look-up each; inputs equal to `zero` are skipped and their share, zero * rowsums[o], added at the end.
+ * look-up each (1- and 2-bit types: each group of inputs, one look-up for 4 or 2 weights); inputs equal to
+ * `zero` are skipped and their share, zero * rowsums[o], added at the end.
  * Hidden layers pass zero = 0 (ReLU zeros are skipped for free); the first layer passes the image's
  * background value, so only the pixels of the digit cost anything. */
 SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
                            int32_t zero, const int16_t *rowsums, enum qtype t)
 {
-    uint32_t shift = log2_bits(t), bits = 1u << shift;
+    uint32_t group = log2_bits(t) < 2u ? 4u >> log2_bits(t) : 1u;
+    uint32_t shift = group > 1u ? 2u : log2_bits(t), bits = 1u << shift;   /* of the code a look-up reads */
     uint32_t words = (n_out + (32u >> shift) - 1u) >> (5u - shift);
     uint32_t slots = words << (5u - shift);
-    int16_t table[16];   /* |code weight x input difference| <= 128 x 255 fits: half the stack of int32 */
+    int16_t table[16];   /* |weight x input difference| <= 128 x 255, a group's sum <= 4 x 3 x 255: half of int32 */
     const char *base = (const char *)table;
 #if defined(__GNUC__)
     __asm__("" : "+r"(base)); /* keep the table's address in a register instead of re-deriving it from sp */
 #endif
     for (uint32_t o = 0; o < slots; o++) sums[o] = 0;
-    for (uint32_t i = 0; i < n_in; i++) {
+    for (uint32_t i = 0; i < n_in; i += group) {
         int32_t a = in[i] - zero;
-        if (a == 0) {
+        if (group > 1u ? !build_group_table(in + i, n_in - i, zero, table, t) : a == 0) {
             w += words;
             continue;
         }
-        if (t != EIGHTBIT) build_table(a, table, t);
+        if (group == 1u && t != EIGHTBIT) build_table(a, table, t);
         int32_t *s = sums;
         for (uint32_t k = 0; k < words; k++) {
             uint32_t word = *w++;
-            if (bits == 4u) {   /* the common case, unrolled: per weight a shift, a mask, two loads, an add, a store */
+            if (bits == 4u) {   /* the common case, unrolled: per look-up a shift, a mask, two loads, an add, a store */
                 s[0] += TABLE4(word, 27);
                 s[1] += TABLE4(word, 23);
                 s[2] += TABLE4(word, 19);
@@ -193,23 +223,8 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
                 s += 8;
                 continue;
             }
-            if (bits == 2u) {   /* 2-bit codes: the same, 16 to a word, in two passes of 8 */
-                for (uint32_t half = 0; half < 2u; half++, word <<= 16, s += 8) {
-                    s[0] += TABLE2(word, 29);
-                    s[1] += TABLE2(word, 27);
-                    s[2] += TABLE2(word, 25);
-                    s[3] += TABLE2(word, 23);
-                    s[4] += TABLE2(word, 21);
-                    s[5] += TABLE2(word, 19);
-                    s[6] += TABLE2(word, 17);
-                    s[7] += TABLE2(word, 15);
-                }
-                continue;
-            }
-            for (uint32_t j = 0; j < (32u >> shift); j++, word <<= bits) {
-                uint32_t code = word >> (32u - bits);
-                *s++ += t == EIGHTBIT ? times_code(a, code, t) : table[code];
-            }
+            for (uint32_t j = 0; j < 4u; j++, word <<= 8)   /* 8bit */
+                *s++ += times_code(a, word >> 24, t);
         }
     }
     if (zero != 0)

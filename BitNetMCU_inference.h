@@ -35,9 +35,13 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  * Input-major layout, BitNetMCU_fc_<type>() (the default export): for each input, the codes of all
  * outputs, padded to whole words. The kernel skips inputs equal to `zero` entirely and turns each other
  * input into a small table of its products with every code, so the work per weight is a table look-up
- * and an add. Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
+ * and an add. Binary and 2bitsym go by groups of 4 and 2 inputs instead: for each group, per output the
+ * group's codes side by side (first input in the high bits) as one 4-bit code, and the table holds the
+ * group's summed products, one look-up for 4 or 2 weights (an odd input count pads the last group with
+ * zero codes). Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
  * and may be null when zero is 0). Hidden layers pass zero = 0; the first layer passes the image's
- * background value. `sums` must hold n_out rounded up to a whole word of codes (32 / bits outputs).
+ * background value. `sums` must hold n_out rounded up to a whole word of codes (8 outputs for Binary,
+ * 2bitsym and the 4-bit types, 4 for 8bit).
  *
  * Output-major layout, BitNetMCU_fc_rows_<type>() (the original BitNetMCU's layout): for each output,
  * the codes of all inputs, padded to whole words; `sums` holds exactly n_out.

@@ -223,11 +223,21 @@ def pack_codes(qtype, iw):
         codes = np.pad(codes, ((0, 0), (0, -n_in % 10)), constant_values=2)
         value = codes.reshape(rows, -1, 10) @ (3 ** np.arange(9, -1, -1))
         return ((value * 65536 + 59048) // 59049).astype(np.uint16)
-    bits = int(qtype.bits)
+    return pack_bits(codes, int(qtype.bits))
+
+
+def pack_bits(codes, bits):
+    """Codes (rows, n) of `bits` bits -> uint32 words MSB-first, each row starting a new word."""
     per_word = 32 // bits
-    codes = np.pad(codes, ((0, 0), (0, -n_in % per_word))).reshape(rows, -1, per_word).astype(np.uint64)
+    codes = np.pad(codes, ((0, 0), (0, -codes.shape[1] % per_word))).reshape(len(codes), -1, per_word)
     shifts = (32 - bits * (np.arange(per_word) + 1)).astype(np.uint64)
-    return (codes << shifts).sum(axis=-1).astype(np.uint32)
+    return (codes.astype(np.uint64) << shifts).sum(axis=-1).astype(np.uint32)
+
+
+def input_groups(qtype):
+    """Inputs whose codes the input-major layout puts side by side, so that they make one 4-bit code:
+    4 for 1-bit, 2 for 2-bit types (the kernel then adds one table entry for 4 or 2 weights), else 1."""
+    return 4 // int(qtype.bits) if qtype.packing == 'bits' and qtype.bits < 4 else 1
 
 
 @dataclass(frozen=True)
@@ -250,8 +260,9 @@ class PackedLayer:
 
 def pack_fc(op, layout, skip_background=False):
     """A fully connected layer in `layout`, or in the only layout its type has (Ternary: output-major).
-    input-major (fast, the default): for each input the codes of all outputs. output-major: for each output
-    the codes of all inputs (the original BitNetMCU layout). skip_background: the layer reads the image, so
+    input-major (fast, the default): for each input the codes of all outputs (1- and 2-bit types: for each
+    group of input_groups() inputs, their codes side by side as one 4-bit code per output). output-major: for
+    each output the codes of all inputs (the original BitNetMCU layout). skip_background: the layer reads the image, so
     the input-major kernel skips background pixels and adds their share from the row sums (when those fit
     int16)."""
     if layout not in LAYOUTS:
@@ -262,10 +273,14 @@ def pack_fc(op, layout, skip_background=False):
     n_out = iw.shape[0]
     if layout == 'output-major':
         return PackedLayer(op, qtype.kernels[layout], layout, pack_codes(qtype, iw), n_out)
-    per_word = 32 // int(qtype.bits)
+    group = input_groups(qtype)
+    bits = int(qtype.bits) * group
+    codes = qtype.encode(iw.T).astype(np.int64)                 # (n_in, n_out)
+    codes = np.pad(codes, ((0, -len(codes) % group), (0, 0)))   # the kernel reads no input past n_in
+    codes = sum(codes[j::group] << (int(qtype.bits) * (group - 1 - j)) for j in range(group))
     rowsums = iw.sum(axis=1)
     rowsums = rowsums.astype(np.int16) if skip_background and np.abs(rowsums).max() <= 32767 else None
-    return PackedLayer(op, qtype.kernels[layout], layout, pack_codes(qtype, iw.T), -(-n_out // per_word) * per_word,
+    return PackedLayer(op, qtype.kernels[layout], layout, pack_bits(codes, bits), -(-n_out // (32 // bits)) * (32 // bits),
                        rowsums)
 
 

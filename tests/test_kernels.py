@@ -55,7 +55,8 @@ def test_fc_matches_python_for_every_type_and_layout(engine, case, layout, zero)
     if layer.layout == 'input-major':   # skip inputs equal to `zero`, add zero * rowsums
         assume(layer.rowsums is not None)   # None: the row sums do not fit int16
         x = x.copy()
-        x[::3] = zero   # make skipping happen
+        x[::3] = zero   # make skipping happen, of single inputs and of whole groups of 2 and 4
+        x[4:12] = zero
         extra = [zero, ffi.from_buffer('int16_t[]', np.ascontiguousarray(layer.rowsums))]
     args = [ffi.from_buffer('int8_t[]', x), len(x), ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out),
             len(weights)] + extra
