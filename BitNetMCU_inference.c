@@ -405,36 +405,48 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
     }
 }
 
+/* One channel's lane convolution: the shift amounts first (the row loops read them through the same pointer). */
+struct lanes {
+    uint32_t r[9];            /* e - m, or lane + e - m for a negative weight (m: see fp130_setup) */
+    uint32_t size, lane, shift;
+    int32_t bias;
+};
+
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
  * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
  * is low minus high: one shift and one add per weight, with no sign to test. `lane` is the fewest bits that
- * hold the largest possible positive sum.
+ * hold the largest possible positive sum. The channel's smallest exponent m (at most `shift`) comes out of
+ * every product: the lanes sum input << (e - m), a bit narrower each, and (sum x 2^m + bias) >> shift is
+ * (sum + (bias >> m)) >> (shift - m) exactly.
  * The channel's set-up, in one pass over its codes (bit 3 the sign, bits 0-2 e) and without a multiply: the
- * codes in r, and offset and fill times the sum of the weights, as sums of shifts. Returns the lane width,
- * or 0 where the largest negative sum does not fit in the bits left (then conv_fp130_shifts). */
-static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, int32_t fill, uint32_t r[9], int32_t *offset_sum,
-                            int32_t *fill_sum)
+ * codes in c->r, the sum of the weights and the largest positive and negative sums. Sets c->lane to the lane
+ * width, or to 0 where the largest negative sum does not fit in the bits left (then conv_fp130_shifts);
+ * returns m. */
+static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t shift, struct lanes *c,
+                            int32_t *weight_sum)
 {
-    uint32_t max_input = (uint32_t)(127 - offset), positive = 0, negative = 0, lane = 0, word = codes[0];
-    int32_t by_offset = 0, by_fill = 0;
+    uint32_t max_input = (uint32_t)(127 - offset), positive = 0, negative = 0, lane = 0, low = shift, word = codes[0];
+    int32_t total = 0;
     for (uint32_t i = 0; i < 9u; i++, word <<= 4) {
         if (i == 8u) word = codes[1];
         uint32_t code = word >> 28, e = code & 7u;
-        r[i] = code;
+        c->r[i] = code;
+        if (e < low) low = e;
         if (code & 8u) {
             negative += max_input << e;
-            by_offset -= shl(offset, e);
-            by_fill -= shl(fill, e);
+            total -= shl(1, e);
         } else {
             positive += max_input << e;
-            by_offset += shl(offset, e);
-            by_fill += shl(fill, e);
+            total += shl(1, e);
         }
     }
-    *offset_sum = by_offset;
-    *fill_sum = by_fill;
-    while ((positive >> lane) != 0u) lane++;
-    return lane == 0u || lane >= 32u || (negative >> (32u - lane)) != 0u ? 0u : lane;
+    *weight_sum = total;
+    positive >>= low;   /* exact: every term has the factor 2^low */
+    negative >>= low;
+    for (uint32_t step = 16; step; step >>= 1)   /* the bit length of positive, by halves */
+        if (positive >> (lane + step - 1u)) lane += step;
+    c->lane = lane == 0u || lane >= 32u || (negative >> (32u - lane)) != 0u ? 0u : lane;
+    return low;
 }
 
 /* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract. Computes every output.
@@ -456,13 +468,6 @@ static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size,
         }
     }
 }
-
-/* One channel's lane convolution: the shift amounts first (the row loops read them through the same pointer). */
-struct lanes {
-    uint32_t r[9];            /* e, or lane + e for a negative weight */
-    uint32_t size, lane, shift;
-    int32_t bias;
-};
 
 /* One output row's lane sums. With the plane size a constant the three input rows are offsets of one pointer,
  * which leaves the registers to the nine shift amounts: per weight a load, a shift and an add. */
@@ -665,17 +670,16 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
 {
     if (t == FP130) {
         struct lanes c;
-        int32_t offset_sum, fill_sum;
-        uint32_t lane = fp130_setup(codes, offset, (int32_t)fill, c.r, &offset_sum, &fill_sum);
-        int32_t bias = offset_sum + (int32_t)((1u << shift) >> 1);
-        uint8_t fill_out = requantize(fill_sum + bias, shift);
-        if (lane && size <= BITNETMCU_MAX_PLANE) {
+        int32_t total;   /* the sum of the weights: the shares of offset and fill are offset or fill x total */
+        uint32_t low = fp130_setup(codes, offset, shift, &c, &total);
+        int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
+        uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
+        if (c.lane && size <= BITNETMCU_MAX_PLANE) {
             for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
-                c.r[i] = (c.r[i] & 7u) + ((c.r[i] & 8u) ? lane : 0u);
+                c.r[i] = (c.r[i] & 7u) - low + ((c.r[i] & 8u) ? c.lane : 0u);
             c.size = size;
-            c.lane = lane;
-            c.shift = shift;
-            c.bias = bias;
+            c.shift = shift - low;
+            c.bias = bias >> low;
             conv_fp130_lanes(input, &c, output, extent, fill_out, pool);
         } else {
             conv_fp130_shifts(input, bias, size, c.r, shift, output);
