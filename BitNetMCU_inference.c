@@ -377,11 +377,6 @@ SPECIALIZE void row_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32
     *hi = extent ? extent[2u * y + 1u] : n;
 }
 
-static NOINLINE void fill_bytes(uint8_t *out, uint32_t n, uint8_t value)
-{
-    for (uint8_t *end = out + n; out != end; out++) *out = value;
-}
-
 /* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
  * a later output still reads: in place works. Computes every output (an extent only saves time). */
 static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, const int32_t w[9], uint32_t shift,
@@ -410,6 +405,7 @@ struct lanes {
     uint32_t r[9];            /* e - m, or lane + e - m for a negative weight (m: see fp130_setup) */
     uint32_t size, lane, shift;
     int32_t bias;
+    uint32_t fill;            /* every output outside the extent */
 };
 
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
@@ -573,31 +569,44 @@ SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
     return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
 }
 
-/* Lane sums to requantized outputs: its own function, so that its constants stay in registers. */
-static NOINLINE void fp130_requantize_row(const struct lanes *c, const uint32_t *acc, uint32_t n, uint8_t *output)
+/* One output row of n from the lane sums of its columns [lo, hi) (acc[0] is column lo's), and c->fill in the
+ * columns around them. Its own function, so that its constants stay in registers. */
+static NOINLINE void fp130_requantize_row(const struct lanes *c, const uint32_t *acc, uint32_t lo, uint32_t hi,
+                                          uint8_t *output)
 {
     const uint32_t lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
     const int32_t bias = c->bias;
-    for (const uint32_t *end = acc + n; acc != end; acc++)
-        *output++ = requantize(lane_value(*acc, mask, lane) + bias, shift);
+    uint8_t *end = output + c->size - 2u, *computed = output + hi, fill = (uint8_t)c->fill;
+    for (const uint8_t *before = output + lo; output != before;) *output++ = fill;
+    if (output != computed)   /* do-while: one branch an output */
+        do *output++ = requantize(lane_value(*acc++, mask, lane) + bias, shift);
+        while (output != computed);
+    while (output != end) *output++ = fill;
 }
 
-/* Two rows of lane sums (the second BITNETMCU_MAX_PLANE - 2 words after the first: one pointer for both) to
- * 2x2 max-pooled outputs: the requantized maximum of each four sums, the same as the maximum of their
- * requantized values (requantization never decreases), for a quarter of the work. */
-static NOINLINE void fp130_pool_row(const struct lanes *c, const uint32_t *acc, uint32_t n, uint8_t *output)
+/* The same with 2x2 max pooling: two rows of lane sums (the second BITNETMCU_MAX_PLANE - 2 words after the
+ * first: one pointer for both) over the even columns [lo, hi) to one pooled output row: the requantized maximum
+ * of each four sums, the same as the maximum of their requantized values (requantization never decreases),
+ * for a quarter of the work. */
+static NOINLINE void fp130_pool_row(const struct lanes *c, const uint32_t *acc, uint32_t lo, uint32_t hi,
+                                    uint8_t *output)
 {
     const uint32_t below = BITNETMCU_MAX_PLANE - 2u, lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
     const int32_t bias = c->bias;
-    for (const uint8_t *end = output + (n >> 1); output != end; acc += 2) {
-        int32_t m = lane_value(acc[0], mask, lane);
-        for (uint32_t k = 1; k < 4u; k++) {   /* one sum at a time: few enough registers that none spills */
-            int32_t v = lane_value(acc[k == 1u ? 1u : k == 2u ? below : below + 1u], mask, lane);
-            if (v > m) m = v;
-            KEEP_IN_REGISTER(m);
-        }
-        *output++ = requantize(m + bias, shift);
-    }
+    uint8_t *end = output + ((c->size - 2u) >> 1), *computed = output + (hi >> 1), fill = (uint8_t)c->fill;
+    for (const uint8_t *before = output + (lo >> 1); output != before;) *output++ = fill;
+    if (output != computed)   /* do-while: one branch an output */
+        do {
+            int32_t m = lane_value(acc[0], mask, lane);
+            for (uint32_t k = 1; k < 4u; k++) {   /* one sum at a time: few enough registers that none spills */
+                int32_t v = lane_value(acc[k == 1u ? 1u : k == 2u ? below : below + 1u], mask, lane);
+                if (v > m) m = v;
+                KEEP_IN_REGISTER(m);
+            }
+            *output++ = requantize(m + bias, shift);
+            acc += 2;
+        } while (output != computed);
+    while (output != end) *output++ = fill;
 }
 
 /* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
@@ -619,7 +628,7 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
 }
 
 static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output,
-                                      const uint8_t *extent, uint8_t fill, uint32_t pool)
+                                      const uint8_t *extent, uint32_t pool)
 {
     const uint32_t size = c->size, out_size = size - 2u;
     uint32_t acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
@@ -627,20 +636,16 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
-            fill_bytes(output, lo, fill);
             row(input + lo, c, acc[0], hi - lo);
-            fp130_requantize_row(c, acc[0], hi - lo, output + lo);
-            fill_bytes(output + hi, out_size - hi, fill);
+            fp130_requantize_row(c, acc[0], lo, hi, output);
         }
         return;
     }
     for (uint32_t y = 0; y < out_size; y += 2u, input += 2u * size, output += out_size >> 1) {
         pair_extent(extent, y, out_size, &lo, &hi);
-        fill_bytes(output, lo >> 1, fill);
         row(input + lo, c, acc[0], hi - lo);
         row(input + size + lo, c, acc[1], hi - lo);
-        fp130_pool_row(c, acc[0], hi - lo, output + (lo >> 1));
-        fill_bytes(output + (hi >> 1), (out_size - hi) >> 1, fill);
+        fp130_pool_row(c, acc[0], lo, hi, output);
     }
 }
 
@@ -680,7 +685,8 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
             c.size = size;
             c.shift = shift - low;
             c.bias = bias >> low;
-            conv_fp130_lanes(input, &c, output, extent, fill_out, pool);
+            c.fill = fill_out;
+            conv_fp130_lanes(input, &c, output, extent, pool);
         } else {
             conv_fp130_shifts(input, bias, size, c.r, shift, output);
             if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
