@@ -414,31 +414,31 @@ struct lanes {
  * hold the largest possible positive sum. The channel's smallest exponent m (at most `shift`) comes out of
  * every product: the lanes sum input << (e - m), a bit narrower each, and (sum x 2^m + bias) >> shift is
  * (sum + (bias >> m)) >> (shift - m) exactly.
- * The channel's set-up, in one pass over its codes (bit 3 the sign, bits 0-2 e) and without a multiply: the
- * codes in c->r, the sum of the weights and the largest positive and negative sums. Sets c->lane to the lane
+ * The channel's set-up, in one pass over its codes (bit 3 the sign, bits 0-2 e): the codes in c->r, P and N
+ * (the sums of 2^e over the positive and the negative weights), from them the weight sum P - N and the largest
+ * positive and negative sums (127 - offset) x P and x N. The products with offset take two multiplies (shifts
+ * and adds on the CH32V003), skipped for the later convolutions, whose offset is 0. Sets c->lane to the lane
  * width, or to 0 where the largest negative sum does not fit in the bits left (then conv_fp130_shifts);
  * returns m. */
 static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t shift, struct lanes *c,
-                            int32_t *weight_sum)
+                            int32_t *weight_sum, int32_t *offset_share)
 {
-    uint32_t max_input = (uint32_t)(127 - offset), positive = 0, negative = 0, lane = 0, low = shift, word = codes[0];
-    int32_t total = 0;
-    for (uint32_t i = 0; i < 9u; i++, word <<= 4) {
-        if (i == 8u) word = codes[1];
+    uint32_t positive = 0, negative = 0, lane = 0, low = shift, word = codes[0];
+    for (uint32_t *r = c->r; r != c->r + 9; r++, word <<= 4) {
+        if (r == c->r + 8) word = codes[1];
         uint32_t code = word >> 28, e = code & 7u;
-        c->r[i] = code;
+        *r = code;
         if (e < low) low = e;
-        if (code & 8u) {
-            negative += max_input << e;
-            total -= shl(1, e);
-        } else {
-            positive += max_input << e;
-            total += shl(1, e);
-        }
+        if (code & 8u)
+            negative += 1u << e;
+        else
+            positive += 1u << e;
     }
-    *weight_sum = total;
-    positive >>= low;   /* exact: every term has the factor 2^low */
-    negative >>= low;
+    *weight_sum = (int32_t)(positive - negative);
+    int32_t by_offset_p = times_small(offset, (int32_t)positive), by_offset_n = times_small(offset, (int32_t)negative);
+    *offset_share = by_offset_p - by_offset_n;
+    positive = ((positive << 7) - positive - (uint32_t)by_offset_p) >> low;   /* exact: every term has 2^low */
+    negative = ((negative << 7) - negative - (uint32_t)by_offset_n) >> low;
     for (uint32_t step = 16; step; step >>= 1)   /* the bit length of positive, by halves */
         if (positive >> (lane + step - 1u)) lane += step;
     c->lane = lane == 0u || lane >= 32u || (negative >> (32u - lane)) != 0u ? 0u : lane;
@@ -675,9 +675,9 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
 {
     if (t == FP130) {
         struct lanes c;
-        int32_t total;   /* the sum of the weights: the shares of offset and fill are offset or fill x total */
-        uint32_t low = fp130_setup(codes, offset, shift, &c, &total);
-        int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
+        int32_t total, offset_share;   /* the sum of the weights; offset x total */
+        uint32_t low = fp130_setup(codes, offset, shift, &c, &total, &offset_share);
+        int32_t bias = offset_share + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
         if (c.lane && size <= BITNETMCU_MAX_PLANE) {
             for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
