@@ -103,7 +103,11 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
  * per weight.
  */
-#define BITNETMCU_MAX_PLANE 32   /* FP130's lane kernel takes planes up to this size (wider: per weight) */
+/* FP130's lane kernel takes planes up to this size (wider: per weight). Its two rows of lane sums, 8 x (size - 2)
+ * bytes of stack, are sized by it: 16, the models' input size, keeps them at 112 bytes. */
+#ifndef BITNETMCU_MAX_PLANE
+#define BITNETMCU_MAX_PLANE 16
+#endif
 #define BITNETMCU_QCONV_KERNEL(name)                                                                        \
     uint32_t name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
                   uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool)
