@@ -439,9 +439,9 @@ static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t shif
     *offset_share = by_offset_p - by_offset_n;
     positive = ((positive << 7) - positive - (uint32_t)by_offset_p) >> low;   /* exact: every term has 2^low */
     negative = ((negative << 7) - negative - (uint32_t)by_offset_n) >> low;
-    for (uint32_t step = 16; step; step >>= 1)   /* the bit length of positive, by halves */
+    for (uint32_t step = 16; step; step >>= 1)   /* the bit length of positive (< 2^19: 255 x 9 x 128), by halves */
         if (positive >> (lane + step - 1u)) lane += step;
-    c->lane = lane == 0u || lane >= 32u || (negative >> (32u - lane)) != 0u ? 0u : lane;
+    c->lane = lane == 0u || (negative >> (32u - lane)) != 0u ? 0u : lane;
     return low;
 }
 

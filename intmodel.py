@@ -274,14 +274,15 @@ def pack_fc(op, layout, skip_background=False):
     if layout == 'output-major':
         return PackedLayer(op, qtype.kernels[layout], layout, pack_codes(qtype, iw), n_out)
     group = input_groups(qtype)
-    per_word = 32 // (int(qtype.bits) * group)                  # outputs a word of codes holds
+    bits = int(qtype.bits) * group                              # of a code the kernel looks up
+    per_word = 32 // bits                                       # outputs a word of codes holds
     codes = qtype.encode(iw.T).astype(np.int64)                 # (n_in, n_out)
     codes = np.pad(codes, ((0, -len(codes) % group), (0, 0)))   # the kernel reads no input past n_in
     codes = sum(codes[j::group] << (int(qtype.bits) * (group - 1 - j)) for j in range(group))
     rowsums = iw.sum(axis=1)
     rowsums = rowsums.astype(np.int16) if skip_background and np.abs(rowsums).max() <= 32767 else None
-    return PackedLayer(op, qtype.kernels[layout], layout, pack_bits(codes, 32 // per_word),
-                       -(-n_out // per_word) * per_word, rowsums)
+    return PackedLayer(op, qtype.kernels[layout], layout, pack_bits(codes, bits), -(-n_out // per_word) * per_word,
+                       rowsums)
 
 
 def pack_model(int_model, layout=LAYOUTS[0]):
