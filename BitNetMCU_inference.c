@@ -400,12 +400,15 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
     }
 }
 
-/* One channel's lane convolution: the shift amounts first (the row loops read them through the same pointer). */
+/* One channel's lane convolution. The RV32E assembly below reads it by these offsets (in bytes: r 0, size 36,
+ * lane 40, shift 44, bias 48, mask 52, fill 56, filled 60). */
 struct lanes {
     uint32_t r[9];            /* e - m, or lane + e - m for a negative weight (m: see fp130_setup) */
     uint32_t size, lane, shift;
     int32_t bias;
+    uint32_t mask;            /* the low lane: (1 << lane) - 1 */
     uint32_t fill;            /* every output outside the extent */
+    uint32_t filled;          /* 1: the output plane already holds `fill` everywhere */
 };
 
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
@@ -465,6 +468,336 @@ static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size,
     }
 }
 
+/* `n` bytes of `value` from p on, by words where they are aligned. */
+static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
+{
+    uint8_t *end = p + n;
+#if defined(__GNUC__)
+    typedef uint32_t __attribute__((may_alias)) four_bytes;
+    uint32_t word = value | value << 8;
+    word |= word << 16;
+    for (; p != end && ((uintptr_t)p & 3u); p++) *p = (uint8_t)value;
+    for (; end - p >= 4; p += 4) *(four_bytes *)p = word;
+#endif
+    for (; p != end; p++) *p = (uint8_t)value;
+}
+
+#if defined(__riscv) && __riscv_xlen == 32 && !defined(BITNETMCU_NO_ASM)
+/* The lane convolution in RV32E assembly, for the planes of the 16x16 models (16, 14 and 6 wide: the plane size is
+ * in the load offsets of a lane loop, one per size). Compiled C keeps at most 12 values in registers, and the lane
+ * loop needs 13: p, acc, the sum, the loaded pixel and the nine shift amounts; so between rows the convolution's
+ * state lives in its stack frame, where the lane loops find it too. Only the assembly uses tp, which no bare-metal
+ * code (interrupt handlers included) uses; it is saved with ra, s0 and s1. The frame, by offset:
+ *     0 s0, ra, s1, tp   16 end of p   20 the lane loop's return   24 c   28 input row   32 output row
+ *    36 extent (0: none)  40 rows left  44 the lane loop  48 lo  52 hi  56 lane sums of row y  112 of row y + 1
+ * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row; it keeps only sp
+ * and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions an output. */
+typedef void lane_loop_fn(void);   /* not callable from C */
+extern lane_loop_fn bitnetmcu_lane_loop16, bitnetmcu_lane_loop14, bitnetmcu_lane_loop6;
+void bitnetmcu_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
+                           uint32_t pool, lane_loop_fn *loop);
+__asm__(
+    ".macro BITNETMCU_LANE_SUM size, at\n"   /* a4 = the lane sum of the output at p + at */
+    "    lbu a4, \\at(a0)\n              sll a4, a4, t0\n"
+    "    lbu a5, \\at+1(a0)\n            sll a5, a5, t1\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2(a0)\n            sll a5, a5, t2\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size(a0)\n        sll a5, a5, s0\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size+1(a0)\n      sll a5, a5, s1\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+\\size+2(a0)\n      sll a5, a5, ra\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size(a0)\n      sll a5, a5, tp\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size+1(a0)\n    sll a5, a5, a3\n  add a4, a4, a5\n"
+    "    lbu a5, \\at+2*\\size+2(a0)\n    sll a5, a5, a1\n  add a4, a4, a5\n"
+    ".endm\n"
+    ".macro BITNETMCU_LANE_LOOP name, size\n"
+    "    .pushsection .text.\\name, \"ax\", @progbits\n"
+    "    .globl \\name\n"
+    "    .type \\name, @function\n"
+    "    .p2align 1\n"
+    "\\name:\n"
+    "    sw ra, 20(sp)\n"
+    "    add a5, a0, a3\n"
+    "    sw a5, 16(sp)\n"                       /* the end of p */
+    "    andi a5, a3, 1\n"
+    "    lw t0, 0(a1)\n    lw t1, 4(a1)\n    lw t2, 8(a1)\n    lw s0, 12(a1)\n    lw s1, 16(a1)\n"
+    "    lw ra, 20(a1)\n    lw tp, 24(a1)\n    lw a3, 28(a1)\n    lw a1, 32(a1)\n"
+    "    beqz a5, 1f\n"
+    "    addi a0, a0, -1\n"                     /* odd n: the first output is the second half's */
+    "    addi a2, a2, -4\n"
+    "    j 2f\n"
+    "1:\n"
+    "    BITNETMCU_LANE_SUM \\size, 0\n"
+    "    sw a4, 0(a2)\n"
+    "2:\n"
+    "    BITNETMCU_LANE_SUM \\size, 1\n"
+    "    sw a4, 4(a2)\n"
+    "    addi a0, a0, 2\n"
+    "    addi a2, a2, 8\n"
+    "    lw a5, 16(sp)\n"
+    "    bne a0, a5, 1b\n"
+    "    lw ra, 20(sp)\n"
+    "    ret\n"
+    "    .size \\name, . - \\name\n"
+    "    .popsection\n"
+    ".endm\n"
+    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop16, 16\n"
+    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop14, 14\n"
+    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop6, 6\n"
+    /* The requantized lane value of a5 (its lanes already subtracted): a4 = clamp((a5 + bias) >> shift, 0, 127). */
+    ".macro BITNETMCU_REQUANTIZE\n"
+    "    add a5, a5, t2\n"
+    "    sra a4, a5, t1\n"
+    "    bgeu s1, a4, 9f\n"
+    "    srai a4, a5, 31\n"                     /* out of range: 0 below, 127 above */
+    "    not a4, a4\n"
+    "    andi a4, a4, 127\n"
+    "9:\n"
+    ".endm\n"
+    /* a5 = the lane value of the lane sum at `at`(a2): low lane minus high lane (clobbers a4). */
+    ".macro BITNETMCU_LANE_VALUE at\n"
+    "    lw a4, \\at(a2)\n"
+    "    and a5, a4, s0\n"
+    "    srl a4, a4, t0\n"
+    "    sub a5, a5, a4\n"
+    ".endm\n"
+    /* After a row's lane loops: t0 lane, t1 shift, t2 bias, s0 mask, s1 127, a2 the lane sums. */
+    ".macro BITNETMCU_REQUANTIZE_CONSTANTS\n"
+    "    lw a1, 24(sp)\n"
+    "    lw t0, 40(a1)\n    lw t1, 44(a1)\n    lw t2, 48(a1)\n    lw s0, 52(a1)\n"
+    "    li s1, 127\n"
+    "    addi a2, sp, 56\n"
+    ".endm\n"
+    "    .pushsection .text.bitnetmcu_fp130_lanes, \"ax\", @progbits\n"
+    "    .globl bitnetmcu_fp130_lanes\n"
+    "    .type bitnetmcu_fp130_lanes, @function\n"
+    "    .p2align 1\n"
+    "bitnetmcu_fp130_lanes:\n"
+    "    addi sp, sp, -168\n"
+    "    sw s0, 0(sp)\n    sw s1, 4(sp)\n    sw ra, 8(sp)\n    sw tp, 12(sp)\n"
+    "    sw a1, 24(sp)\n    sw a0, 28(sp)\n    sw a2, 32(sp)\n    sw a3, 36(sp)\n    sw a5, 44(sp)\n"
+    "    lw t0, 36(a1)\n"
+    "    addi t0, t0, -2\n"                     /* the output rows */
+    "    bnez a4, .Lbitnetmcu_pool\n"
+    "    sw t0, 40(sp)\n"
+    ".Lbitnetmcu_row:\n"                        /* one output row: its columns [lo, hi) in t1, t2 */
+    "    lw a1, 24(sp)\n"
+    "    lw t2, 36(a1)\n"
+    "    addi t2, t2, -2\n"
+    "    li t1, 0\n"
+    "    lw a3, 36(sp)\n"
+    "    beqz a3, 1f\n"
+    "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n"
+    "    addi a3, a3, 2\n"
+    "    sw a3, 36(sp)\n"
+    "    bltu t1, t2, 1f\n"
+    "    li t1, 0\n"                            /* nothing to compute */
+    "    li t2, 0\n"
+    "    j .Lbitnetmcu_row_fills\n"
+    "1:\n"
+    "    sw t1, 48(sp)\n    sw t2, 52(sp)\n"
+    "    lw a0, 28(sp)\n"
+    "    add a0, a0, t1\n"
+    "    sub a3, t2, t1\n"
+    "    addi a2, sp, 56\n"
+    "    lw a5, 44(sp)\n"
+    "    jalr a5\n"
+    "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
+    "    lw a0, 32(sp)\n"
+    "    lw a3, 52(sp)\n"
+    "    add a3, a0, a3\n"                      /* the output row + hi */
+    "    lw a5, 48(sp)\n"
+    "    add a0, a0, a5\n"                      /* the output row + lo */
+    "2:\n"
+    "    BITNETMCU_LANE_VALUE 0\n"
+    "    BITNETMCU_REQUANTIZE\n"
+    "    sb a4, 0(a0)\n"
+    "    addi a2, a2, 4\n"
+    "    addi a0, a0, 1\n"
+    "    bne a0, a3, 2b\n"
+    "    lw t1, 48(sp)\n    lw t2, 52(sp)\n"
+    ".Lbitnetmcu_row_fills:\n"                  /* fill outside [lo, hi), where the plane is not filled yet */
+    "    lw a1, 24(sp)\n"
+    "    lw a5, 60(a1)\n"
+    "    bnez a5, 3f\n"
+    "    lw a0, 32(sp)\n"
+    "    lw a3, 36(a1)\n"
+    "    addi a3, a3, -2\n"
+    "    add a3, a0, a3\n"
+    "    add a2, a0, t2\n"
+    "    lbu a4, 56(a1)\n"
+    "    add a1, a0, t1\n"
+    "    jal t0, .Lbitnetmcu_fill\n"
+    "3:\n"
+    "    lw a1, 24(sp)\n"
+    "    lw a5, 36(a1)\n"
+    "    lw a0, 28(sp)\n"
+    "    add a0, a0, a5\n"
+    "    sw a0, 28(sp)\n"
+    "    lw a2, 32(sp)\n"
+    "    addi a5, a5, -2\n"
+    "    add a2, a2, a5\n"
+    "    sw a2, 32(sp)\n"
+    "    lw t0, 40(sp)\n"
+    "    addi t0, t0, -1\n"
+    "    sw t0, 40(sp)\n"
+    "    bnez t0, .Lbitnetmcu_row\n"
+    "    j .Lbitnetmcu_return\n"
+    ".Lbitnetmcu_pool:\n"                       /* 2x2 max pooling: two rows of lane sums per output row */
+    "    srli t0, t0, 1\n"
+    "    sw t0, 40(sp)\n"
+    ".Lbitnetmcu_pair:\n"                       /* the union of the rows' extents, to whole pairs of columns */
+    "    lw a1, 24(sp)\n"
+    "    lw t2, 36(a1)\n"
+    "    addi t2, t2, -2\n"
+    "    li t1, 0\n"
+    "    lw a3, 36(sp)\n"
+    "    beqz a3, 5f\n"
+    "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n    lbu a4, 2(a3)\n    lbu a5, 3(a3)\n"
+    "    addi a3, a3, 4\n"
+    "    sw a3, 36(sp)\n"
+    "    bltu t1, t2, 1f\n"
+    "    mv t1, a4\n"                           /* row y is empty: row y + 1's */
+    "    mv t2, a5\n"
+    "    j 3f\n"
+    "1:\n"
+    "    bgeu a4, a5, 3f\n"                     /* row y + 1 is empty: row y's */
+    "    bgeu a4, t1, 2f\n"
+    "    mv t1, a4\n"
+    "2:\n"
+    "    bgeu t2, a5, 3f\n"
+    "    mv t2, a5\n"
+    "3:\n"
+    "    bltu t1, t2, 4f\n"
+    "    li t1, 0\n"                            /* nothing to compute */
+    "    li t2, 0\n"
+    "    j .Lbitnetmcu_pair_fills\n"
+    "4:\n"
+    "    andi t1, t1, -2\n"
+    "    addi t2, t2, 1\n"
+    "    andi t2, t2, -2\n"
+    "5:\n"
+    "    sw t1, 48(sp)\n    sw t2, 52(sp)\n"
+    "    lw a0, 28(sp)\n"
+    "    add a0, a0, t1\n"
+    "    sub a3, t2, t1\n"
+    "    addi a2, sp, 56\n"
+    "    lw a5, 44(sp)\n"
+    "    jalr a5\n"                             /* row y */
+    "    lw a1, 24(sp)\n"
+    "    lw a0, 28(sp)\n"
+    "    lw a5, 36(a1)\n"
+    "    add a0, a0, a5\n"
+    "    lw t1, 48(sp)\n"
+    "    add a0, a0, t1\n"
+    "    lw a3, 52(sp)\n"
+    "    sub a3, a3, t1\n"
+    "    addi a2, sp, 112\n"
+    "    lw a5, 44(sp)\n"
+    "    jalr a5\n"                             /* row y + 1 */
+    "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
+    "    lw a0, 32(sp)\n"
+    "    lw a3, 52(sp)\n"
+    "    srli a3, a3, 1\n"
+    "    add a3, a0, a3\n"                      /* the output row + hi / 2 */
+    "    lw a5, 48(sp)\n"
+    "    srli a5, a5, 1\n"
+    "    add a0, a0, a5\n"                      /* the output row + lo / 2 */
+    "6:\n"                                      /* the requantized maximum of four lane values */
+    "    BITNETMCU_LANE_VALUE 0\n"
+    "    mv a1, a5\n"
+    "    BITNETMCU_LANE_VALUE 4\n"
+    "    bge a1, a5, 7f\n"
+    "    mv a1, a5\n"
+    "7:\n"
+    "    BITNETMCU_LANE_VALUE 56\n"
+    "    bge a1, a5, 7f\n"
+    "    mv a1, a5\n"
+    "7:\n"
+    "    BITNETMCU_LANE_VALUE 60\n"
+    "    bge a5, a1, 7f\n"
+    "    mv a5, a1\n"
+    "7:\n"
+    "    BITNETMCU_REQUANTIZE\n"
+    "    sb a4, 0(a0)\n"
+    "    addi a2, a2, 8\n"
+    "    addi a0, a0, 1\n"
+    "    bne a0, a3, 6b\n"
+    "    lw t1, 48(sp)\n    lw t2, 52(sp)\n"
+    ".Lbitnetmcu_pair_fills:\n"                 /* fill outside [lo / 2, hi / 2), where the plane is not filled yet */
+    "    lw a1, 24(sp)\n"
+    "    lw a5, 60(a1)\n"
+    "    bnez a5, 8f\n"
+    "    srli t1, t1, 1\n"
+    "    srli t2, t2, 1\n"
+    "    lw a0, 32(sp)\n"
+    "    lw a3, 36(a1)\n"
+    "    addi a3, a3, -2\n"
+    "    srli a3, a3, 1\n"
+    "    add a3, a0, a3\n"
+    "    add a2, a0, t2\n"
+    "    lbu a4, 56(a1)\n"
+    "    add a1, a0, t1\n"
+    "    jal t0, .Lbitnetmcu_fill\n"
+    "8:\n"
+    "    lw a1, 24(sp)\n"
+    "    lw a5, 36(a1)\n"
+    "    lw a0, 28(sp)\n"
+    "    add a0, a0, a5\n"
+    "    add a0, a0, a5\n"
+    "    sw a0, 28(sp)\n"
+    "    lw a2, 32(sp)\n"
+    "    addi a5, a5, -2\n"
+    "    srli a5, a5, 1\n"
+    "    add a2, a2, a5\n"
+    "    sw a2, 32(sp)\n"
+    "    lw t0, 40(sp)\n"
+    "    addi t0, t0, -1\n"
+    "    sw t0, 40(sp)\n"
+    "    bnez t0, .Lbitnetmcu_pair\n"
+    ".Lbitnetmcu_return:\n"
+    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
+    "    addi sp, sp, 168\n"
+    "    ret\n"
+    ".Lbitnetmcu_fill:\n"                       /* bytes [a0, a1) and [a2, a3) = a4; returns to t0 */
+    "    beq a0, a1, 2f\n"
+    "1:\n"
+    "    sb a4, 0(a0)\n"
+    "    addi a0, a0, 1\n"
+    "    bne a0, a1, 1b\n"
+    "2:\n"
+    "    beq a2, a3, 4f\n"
+    "3:\n"
+    "    sb a4, 0(a2)\n"
+    "    addi a2, a2, 1\n"
+    "    bne a2, a3, 3b\n"
+    "4:\n"
+    "    jr t0\n"
+    "    .size bitnetmcu_fp130_lanes, . - bitnetmcu_fp130_lanes\n"
+    "    .popsection\n");
+
+/* The lane loop of a plane size, or 0 (then the per-weight path). */
+SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
+{
+    return size == 16u ? bitnetmcu_lane_loop16 : size == 14u ? bitnetmcu_lane_loop14
+         : size == 6u ? bitnetmcu_lane_loop6 : (lane_loop_fn *)0;
+}
+
+SPECIALIZE uint32_t lanes_take(uint32_t size)
+{
+    return lane_loop(size) != 0;
+}
+
+static void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
+                             uint32_t pool)
+{
+    bitnetmcu_fp130_lanes(input, c, output, extent, pool, lane_loop(c->size));
+}
+#else
+/* The same in C. */
+SPECIALIZE uint32_t lanes_take(uint32_t size)
+{
+    return size <= BITNETMCU_MAX_PLANE;
+}
+
 /* One output row's lane sums. With the plane size a constant the three input rows are offsets of one pointer,
  * which leaves the registers to the nine shift amounts: per weight a load, a shift and an add. */
 SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r[9], uint32_t *acc, uint32_t n)
@@ -487,81 +820,11 @@ static NOINLINE void fp130_lane_row_any(const uint8_t *p, const struct lanes *c,
     fp130_lane_row(p, c->size, c->r, acc, n);
 }
 
-#if defined(__riscv) && __riscv_xlen == 32 && !defined(BITNETMCU_NO_ASM)
-/* The row loop in RV32E assembly, for the planes of the 16x16 models' first two convolutions (16 and 14 wide:
- * the plane size is in the load offsets). Compiled C keeps at most 12 values in registers and this loop needs
- * 13: p, acc, the sum, the loaded pixel and the nine shift amounts. It also takes tp, which no bare-metal code
- * (interrupt handlers included) uses, and saves it with ra, s0 and s1; the end pointer lives on the stack.
- * Unrolled by two, entered in its second half when n is odd: 29 instructions an output against the compiled
- * loop's 37. */
-lane_row_fn bitnetmcu_lane_row16, bitnetmcu_lane_row14;
-__asm__(
-    ".macro BITNETMCU_LANE_SUM size, at\n"   /* a4 = the lane sum of the output at p + at */
-    "    lbu a4, \\at(a0)\n              sll a4, a4, t0\n"
-    "    lbu a5, \\at+1(a0)\n            sll a5, a5, t1\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2(a0)\n            sll a5, a5, t2\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size(a0)\n        sll a5, a5, s0\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size+1(a0)\n      sll a5, a5, s1\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size+2(a0)\n      sll a5, a5, ra\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size(a0)\n      sll a5, a5, tp\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size+1(a0)\n    sll a5, a5, a3\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size+2(a0)\n    sll a5, a5, a1\n  add a4, a4, a5\n"
-    ".endm\n"
-    ".macro BITNETMCU_LANE_ROW name, size\n"
-    "    .pushsection .text.\\name, \"ax\", @progbits\n"
-    "    .globl \\name\n"
-    "    .type \\name, @function\n"
-    "    .p2align 1\n"
-    "\\name:\n"
-    "    beqz a3, 3f\n"
-    "    addi sp, sp, -20\n"
-    "    sw s0, 0(sp)\n    sw s1, 4(sp)\n    sw ra, 8(sp)\n    sw tp, 12(sp)\n"
-    "    add a5, a0, a3\n"
-    "    sw a5, 16(sp)\n"                       /* the end of p */
-    "    andi a5, a3, 1\n"
-    "    lw t0, 0(a1)\n    lw t1, 4(a1)\n    lw t2, 8(a1)\n    lw s0, 12(a1)\n    lw s1, 16(a1)\n"
-    "    lw ra, 20(a1)\n    lw tp, 24(a1)\n    lw a3, 28(a1)\n    lw a1, 32(a1)\n"
-    "    beqz a5, 1f\n"
-    "    addi a0, a0, -1\n"                     /* odd n: the first output is the second half's */
-    "    addi a2, a2, -4\n"
-    "    j 2f\n"
-    "1:\n"
-    "    BITNETMCU_LANE_SUM \\size, 0\n"
-    "    sw a4, 0(a2)\n"
-    "2:\n"
-    "    BITNETMCU_LANE_SUM \\size, 1\n"
-    "    sw a4, 4(a2)\n"
-    "    addi a0, a0, 2\n"
-    "    addi a2, a2, 8\n"
-    "    lw a5, 16(sp)\n"
-    "    bne a0, a5, 1b\n"
-    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
-    "    addi sp, sp, 20\n"
-    "3:\n"
-    "    ret\n"
-    "    .size \\name, . - \\name\n"
-    "    .popsection\n"
-    ".endm\n"
-    "BITNETMCU_LANE_ROW bitnetmcu_lane_row16, 16\n"
-    "BITNETMCU_LANE_ROW bitnetmcu_lane_row14, 14\n");
-
-SPECIALIZE lane_row_fn *lane_row(uint32_t size)
-{
-    return size == 16u ? bitnetmcu_lane_row16 : size == 14u ? bitnetmcu_lane_row14 : fp130_lane_row_any;
-}
-#else
-/* The row loop on its own, where all the registers are free for it; with the plane size of the 16x16 models'
- * first convolution as a constant. */
+/* With the plane size of the 16x16 models' first convolution as a constant. */
 static NOINLINE void fp130_lane_row16(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n)
 {
     fp130_lane_row(p, 16u, c->r, acc, n);
 }
-
-SPECIALIZE lane_row_fn *lane_row(uint32_t size)
-{
-    return size == 16u ? fp130_lane_row16 : fp130_lane_row_any;
-}
-#endif
 
 /* A lane sum as the convolution's sum: low lane minus high lane. */
 SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
@@ -569,44 +832,40 @@ SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
     return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
 }
 
-/* One output row of n from the lane sums of its columns [lo, hi) (acc[0] is column lo's), and c->fill in the
- * columns around them. Its own function, so that its constants stay in registers. */
+/* c->fill in the output columns [0, lo) and [hi, n), unless the plane holds it already. */
+SPECIALIZE void fill_outside(const struct lanes *c, uint8_t *output, uint32_t lo, uint32_t hi, uint32_t n)
+{
+    if (c->filled) return;
+    for (uint32_t x = 0; x < lo; x++) output[x] = (uint8_t)c->fill;
+    for (uint32_t x = hi; x < n; x++) output[x] = (uint8_t)c->fill;
+}
+
+/* One output row from the lane sums of its columns [lo, hi) (acc[0] is column lo's). */
 static NOINLINE void fp130_requantize_row(const struct lanes *c, const uint32_t *acc, uint32_t lo, uint32_t hi,
                                           uint8_t *output)
 {
-    const uint32_t lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
-    const int32_t bias = c->bias;
-    uint8_t *end = output + c->size - 2u, *computed = output + hi, fill = (uint8_t)c->fill;
-    for (const uint8_t *before = output + lo; output != before;) *output++ = fill;
-    if (output != computed)   /* do-while: one branch an output */
-        do *output++ = requantize(lane_value(*acc++, mask, lane) + bias, shift);
-        while (output != computed);
-    while (output != end) *output++ = fill;
+    for (uint32_t x = lo; x < hi; x++)
+        output[x] = requantize(lane_value(*acc++, c->mask, c->lane) + c->bias, c->shift);
+    fill_outside(c, output, lo, hi, c->size - 2u);
 }
 
 /* The same with 2x2 max pooling: two rows of lane sums (the second BITNETMCU_MAX_PLANE - 2 words after the
- * first: one pointer for both) over the even columns [lo, hi) to one pooled output row: the requantized maximum
- * of each four sums, the same as the maximum of their requantized values (requantization never decreases),
- * for a quarter of the work. */
+ * first) over the even columns [lo, hi) to one pooled output row: the requantized maximum of each four sums,
+ * the same as the maximum of their requantized values (requantization never decreases), for a quarter of the
+ * work. */
 static NOINLINE void fp130_pool_row(const struct lanes *c, const uint32_t *acc, uint32_t lo, uint32_t hi,
                                     uint8_t *output)
 {
-    const uint32_t below = BITNETMCU_MAX_PLANE - 2u, lane = c->lane, shift = c->shift, mask = (1u << lane) - 1u;
-    const int32_t bias = c->bias;
-    uint8_t *end = output + ((c->size - 2u) >> 1), *computed = output + (hi >> 1), fill = (uint8_t)c->fill;
-    for (const uint8_t *before = output + (lo >> 1); output != before;) *output++ = fill;
-    if (output != computed)   /* do-while: one branch an output */
-        do {
-            int32_t m = lane_value(acc[0], mask, lane);
-            for (uint32_t k = 1; k < 4u; k++) {   /* one sum at a time: few enough registers that none spills */
-                int32_t v = lane_value(acc[k == 1u ? 1u : k == 2u ? below : below + 1u], mask, lane);
-                if (v > m) m = v;
-                KEEP_IN_REGISTER(m);
-            }
-            *output++ = requantize(m + bias, shift);
-            acc += 2;
-        } while (output != computed);
-    while (output != end) *output++ = fill;
+    const uint32_t below = BITNETMCU_MAX_PLANE - 2u;
+    for (uint32_t x = lo >> 1; x < hi >> 1; x++, acc += 2) {
+        int32_t m = lane_value(acc[0], c->mask, c->lane);
+        for (uint32_t k = 1; k < 4u; k++) {
+            int32_t v = lane_value(acc[k == 1u ? 1u : k == 2u ? below : below + 1u], c->mask, c->lane);
+            if (v > m) m = v;
+        }
+        output[x] = requantize(m + c->bias, c->shift);
+    }
+    fill_outside(c, output, lo >> 1, hi >> 1, (c->size - 2u) >> 1);
 }
 
 /* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
@@ -627,15 +886,17 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
     *hi = (*hi + 1u) & ~1u;
 }
 
+/* Row by row (with pooling, by pairs of rows): the lane sums of the columns to compute, then their outputs. */
 static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output,
                                       const uint8_t *extent, uint32_t pool)
 {
     const uint32_t size = c->size, out_size = size - 2u;
     uint32_t acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
-    lane_row_fn *row = lane_row(size);
+    lane_row_fn *row = size == 16u ? fp130_lane_row16 : fp130_lane_row_any;
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
+            if (lo >= hi) lo = hi = 0;
             row(input + lo, c, acc[0], hi - lo);
             fp130_requantize_row(c, acc[0], lo, hi, output);
         }
@@ -648,6 +909,7 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
         fp130_pool_row(c, acc[0], lo, hi, output);
     }
 }
+#endif
 
 /* The sum of a channel's weights. */
 SPECIALIZE int32_t weight_sum(const int32_t w[9])
@@ -679,13 +941,16 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
         uint32_t low = fp130_setup(codes, offset, shift, &c, &total, &offset_share);
         int32_t bias = offset_share + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
-        if (c.lane && size <= BITNETMCU_MAX_PLANE) {
+        if (c.lane && lanes_take(size)) {
             for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
                 c.r[i] = (c.r[i] & 7u) - low + ((c.r[i] & 8u) ? c.lane : 0u);
             c.size = size;
             c.shift = shift - low;
             c.bias = bias >> low;
+            c.mask = (1u << c.lane) - 1u;
             c.fill = fill_out;
+            c.filled = extent && !pool && output != input;   /* then the rows write only what they compute */
+            if (c.filled) fill_plane(output, (uint32_t)times_small((int32_t)size - 2, (int32_t)size - 2), fill_out);
             conv_fp130_lanes(input, &c, output, extent, pool);
         } else {
             conv_fp130_shifts(input, bias, size, c.r, shift, output);
