@@ -401,14 +401,13 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
 }
 
 /* One channel's lane convolution. The RV32E assembly below reads it by these offsets (in bytes: r 0, size 36,
- * lane 40, shift 44, bias 48, mask 52, fill 56, filled 60). */
+ * lane 40, shift 44, bias 48, mask 52, fill 56). */
 struct lanes {
     uint32_t r[9];            /* e - m, or lane + e - m for a negative weight (m: see fp130_setup) */
     uint32_t size, lane, shift;
     int32_t bias;
     uint32_t mask;            /* the low lane: (1 << lane) - 1 */
     uint32_t fill;            /* every output outside the extent */
-    uint32_t filled;          /* 1: the output plane already holds `fill` everywhere */
 };
 
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
@@ -477,7 +476,7 @@ static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
     uint32_t word = value | value << 8;
     word |= word << 16;
     for (; p != end && ((uintptr_t)p & 3u); p++) *p = (uint8_t)value;
-    for (; end - p >= 4; p += 4) *(four_bytes *)p = word;
+    for (uint8_t *words_end = p + ((uint32_t)(end - p) & ~3u); p != words_end; p += 4) *(four_bytes *)p = word;
 #endif
     for (; p != end; p++) *p = (uint8_t)value;
 }
@@ -488,10 +487,12 @@ static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
  * loop needs 13: p, acc, the sum, the loaded pixel and the nine shift amounts; so between rows the convolution's
  * state lives in its stack frame, where the lane loops find it too. Only the assembly uses tp, which no bare-metal
  * code (interrupt handlers included) uses; it is saved with ra, s0 and s1. The frame, by offset:
- *     0 s0, ra, s1, tp   16 end of p   20 the lane loop's return   24 c   28 input row   32 output row
- *    36 extent (0: none)  40 rows left  44 the lane loop  48 lo  52 hi  56 lane sums of row y  112 of row y + 1
- * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row; it keeps only sp
- * and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions an output. */
+ *     0 s0, s1, ra, tp   16 end of p   20 the lane loop's return   24 c   28 input row   32 output row
+ *    36 extent (0: none)   40 rows left   44 the lane loop   48, 52 the input and output rows' steps   56 lo
+ *    60 hi (without pooling: the output row + hi)   64 the lane sums of row y   120 of row y + 1
+ * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row and leaves a2 past
+ * them; it keeps only sp and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions
+ * an output. Without pooling the plane holds the fill already (or every output is computed). */
 typedef void lane_loop_fn(void);   /* not callable from C */
 extern lane_loop_fn bitnetmcu_lane_loop16, bitnetmcu_lane_loop14, bitnetmcu_lane_loop6;
 void bitnetmcu_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
@@ -559,97 +560,75 @@ __asm__(
     "    srl a4, a4, t0\n"
     "    sub a5, a5, a4\n"
     ".endm\n"
-    /* After a row's lane loops: t0 lane, t1 shift, t2 bias, s0 mask, s1 127, a2 the lane sums. */
+    /* The next output row (with pooling: pair of input rows), back to `loop` while rows are left. */
+    ".macro BITNETMCU_NEXT loop\n"
+    "    lw a0, 28(sp)\n    lw a5, 48(sp)\n    add a0, a0, a5\n    sw a0, 28(sp)\n"
+    "    lw a2, 32(sp)\n    lw a5, 52(sp)\n    add a2, a2, a5\n    sw a2, 32(sp)\n"
+    "    lw t0, 40(sp)\n"
+    "    addi t0, t0, -1\n"
+    "    sw t0, 40(sp)\n"
+    "    bnez t0, \\loop\n"
+    ".endm\n"
+    /* After a row's lane loops: t0 lane, t1 shift, t2 bias, s0 mask, s1 127. */
     ".macro BITNETMCU_REQUANTIZE_CONSTANTS\n"
     "    lw a1, 24(sp)\n"
     "    lw t0, 40(a1)\n    lw t1, 44(a1)\n    lw t2, 48(a1)\n    lw s0, 52(a1)\n"
     "    li s1, 127\n"
-    "    addi a2, sp, 56\n"
     ".endm\n"
     "    .pushsection .text.bitnetmcu_fp130_lanes, \"ax\", @progbits\n"
     "    .globl bitnetmcu_fp130_lanes\n"
     "    .type bitnetmcu_fp130_lanes, @function\n"
     "    .p2align 1\n"
     "bitnetmcu_fp130_lanes:\n"
-    "    addi sp, sp, -168\n"
+    "    addi sp, sp, -176\n"
     "    sw s0, 0(sp)\n    sw s1, 4(sp)\n    sw ra, 8(sp)\n    sw tp, 12(sp)\n"
     "    sw a1, 24(sp)\n    sw a0, 28(sp)\n    sw a2, 32(sp)\n    sw a3, 36(sp)\n    sw a5, 44(sp)\n"
-    "    lw t0, 36(a1)\n"
-    "    addi t0, t0, -2\n"                     /* the output rows */
+    "    lw t0, 36(a1)\n"                       /* size */
+    "    addi t1, t0, -2\n"                     /* the output rows and columns */
     "    bnez a4, .Lbitnetmcu_pool\n"
-    "    sw t0, 40(sp)\n"
+    "    sw t0, 48(sp)\n    sw t1, 52(sp)\n    sw t1, 40(sp)\n"
     ".Lbitnetmcu_row:\n"                        /* one output row: its columns [lo, hi) in t1, t2 */
-    "    lw a1, 24(sp)\n"
-    "    lw t2, 36(a1)\n"
-    "    addi t2, t2, -2\n"
-    "    li t1, 0\n"
     "    lw a3, 36(sp)\n"
+    "    li t1, 0\n"
+    "    lw t2, 52(sp)\n"
     "    beqz a3, 1f\n"
     "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n"
     "    addi a3, a3, 2\n"
     "    sw a3, 36(sp)\n"
-    "    bltu t1, t2, 1f\n"
-    "    li t1, 0\n"                            /* nothing to compute */
-    "    li t2, 0\n"
-    "    j .Lbitnetmcu_row_fills\n"
+    "    bgeu t1, t2, .Lbitnetmcu_next_row\n"  /* nothing to compute: the plane holds the fill */
     "1:\n"
-    "    sw t1, 48(sp)\n    sw t2, 52(sp)\n"
+    "    lw a5, 32(sp)\n"
+    "    add a5, a5, t2\n"
+    "    sw a5, 60(sp)\n"                       /* the output row + hi */
     "    lw a0, 28(sp)\n"
     "    add a0, a0, t1\n"
     "    sub a3, t2, t1\n"
-    "    addi a2, sp, 56\n"
+    "    lw a1, 24(sp)\n"
+    "    addi a2, sp, 64\n"
     "    lw a5, 44(sp)\n"
-    "    jalr a5\n"
+    "    jalr a5\n"                             /* leaves a2 past the last lane sum */
     "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
-    "    lw a0, 32(sp)\n"
-    "    lw a3, 52(sp)\n"
-    "    add a3, a0, a3\n"                      /* the output row + hi */
-    "    lw a5, 48(sp)\n"
-    "    add a0, a0, a5\n"                      /* the output row + lo */
-    "2:\n"
+    "    lw a0, 60(sp)\n"
+    "    addi a3, sp, 64\n"
+    "2:\n"                                      /* backwards, from the last output */
+    "    addi a2, a2, -4\n"
     "    BITNETMCU_LANE_VALUE 0\n"
     "    BITNETMCU_REQUANTIZE\n"
+    "    addi a0, a0, -1\n"
     "    sb a4, 0(a0)\n"
-    "    addi a2, a2, 4\n"
-    "    addi a0, a0, 1\n"
-    "    bne a0, a3, 2b\n"
-    "    lw t1, 48(sp)\n    lw t2, 52(sp)\n"
-    ".Lbitnetmcu_row_fills:\n"                  /* fill outside [lo, hi), where the plane is not filled yet */
-    "    lw a1, 24(sp)\n"
-    "    lw a5, 60(a1)\n"
-    "    bnez a5, 3f\n"
-    "    lw a0, 32(sp)\n"
-    "    lw a3, 36(a1)\n"
-    "    addi a3, a3, -2\n"
-    "    add a3, a0, a3\n"
-    "    add a2, a0, t2\n"
-    "    lbu a4, 56(a1)\n"
-    "    add a1, a0, t1\n"
-    "    jal t0, .Lbitnetmcu_fill\n"
-    "3:\n"
-    "    lw a1, 24(sp)\n"
-    "    lw a5, 36(a1)\n"
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, a5\n"
-    "    sw a0, 28(sp)\n"
-    "    lw a2, 32(sp)\n"
-    "    addi a5, a5, -2\n"
-    "    add a2, a2, a5\n"
-    "    sw a2, 32(sp)\n"
-    "    lw t0, 40(sp)\n"
-    "    addi t0, t0, -1\n"
-    "    sw t0, 40(sp)\n"
-    "    bnez t0, .Lbitnetmcu_row\n"
+    "    bne a2, a3, 2b\n"
+    ".Lbitnetmcu_next_row:\n"
+    "    BITNETMCU_NEXT .Lbitnetmcu_row\n"
     "    j .Lbitnetmcu_return\n"
     ".Lbitnetmcu_pool:\n"                       /* 2x2 max pooling: two rows of lane sums per output row */
-    "    srli t0, t0, 1\n"
-    "    sw t0, 40(sp)\n"
+    "    add t0, t0, t0\n"
+    "    srli t1, t1, 1\n"
+    "    sw t0, 48(sp)\n    sw t1, 52(sp)\n    sw t1, 40(sp)\n"
     ".Lbitnetmcu_pair:\n"                       /* the union of the rows' extents, to whole pairs of columns */
-    "    lw a1, 24(sp)\n"
-    "    lw t2, 36(a1)\n"
-    "    addi t2, t2, -2\n"
-    "    li t1, 0\n"
     "    lw a3, 36(sp)\n"
+    "    li t1, 0\n"
+    "    lw t2, 52(sp)\n"
+    "    add t2, t2, t2\n"
     "    beqz a3, 5f\n"
     "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n    lbu a4, 2(a3)\n    lbu a5, 3(a3)\n"
     "    addi a3, a3, 4\n"
@@ -669,36 +648,38 @@ __asm__(
     "    bltu t1, t2, 4f\n"
     "    li t1, 0\n"                            /* nothing to compute */
     "    li t2, 0\n"
-    "    j .Lbitnetmcu_pair_fills\n"
+    "    j .Lbitnetmcu_fills\n"
     "4:\n"
     "    andi t1, t1, -2\n"
     "    addi t2, t2, 1\n"
     "    andi t2, t2, -2\n"
     "5:\n"
-    "    sw t1, 48(sp)\n    sw t2, 52(sp)\n"
+    "    sw t1, 56(sp)\n    sw t2, 60(sp)\n"
     "    lw a0, 28(sp)\n"
     "    add a0, a0, t1\n"
     "    sub a3, t2, t1\n"
-    "    addi a2, sp, 56\n"
+    "    lw a1, 24(sp)\n"
+    "    addi a2, sp, 64\n"
     "    lw a5, 44(sp)\n"
     "    jalr a5\n"                             /* row y */
     "    lw a1, 24(sp)\n"
     "    lw a0, 28(sp)\n"
     "    lw a5, 36(a1)\n"
     "    add a0, a0, a5\n"
-    "    lw t1, 48(sp)\n"
+    "    lw t1, 56(sp)\n"
     "    add a0, a0, t1\n"
-    "    lw a3, 52(sp)\n"
+    "    lw a3, 60(sp)\n"
     "    sub a3, a3, t1\n"
-    "    addi a2, sp, 112\n"
+    "    addi a2, sp, 120\n"
     "    lw a5, 44(sp)\n"
     "    jalr a5\n"                             /* row y + 1 */
     "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
+    "    addi a2, sp, 64\n"
     "    lw a0, 32(sp)\n"
-    "    lw a3, 52(sp)\n"
+    "    lw a3, 60(sp)\n"
     "    srli a3, a3, 1\n"
     "    add a3, a0, a3\n"                      /* the output row + hi / 2 */
-    "    lw a5, 48(sp)\n"
+    "    lw a5, 56(sp)\n"
     "    srli a5, a5, 1\n"
     "    add a0, a0, a5\n"                      /* the output row + lo / 2 */
     "6:\n"                                      /* the requantized maximum of four lane values */
@@ -721,43 +702,17 @@ __asm__(
     "    addi a2, a2, 8\n"
     "    addi a0, a0, 1\n"
     "    bne a0, a3, 6b\n"
-    "    lw t1, 48(sp)\n    lw t2, 52(sp)\n"
-    ".Lbitnetmcu_pair_fills:\n"                 /* fill outside [lo / 2, hi / 2), where the plane is not filled yet */
+    "    lw t1, 56(sp)\n    lw t2, 60(sp)\n"
+    ".Lbitnetmcu_fills:\n"                      /* the fill outside the output columns [lo / 2, hi / 2) */
     "    lw a1, 24(sp)\n"
-    "    lw a5, 60(a1)\n"
-    "    bnez a5, 8f\n"
-    "    srli t1, t1, 1\n"
-    "    srli t2, t2, 1\n"
-    "    lw a0, 32(sp)\n"
-    "    lw a3, 36(a1)\n"
-    "    addi a3, a3, -2\n"
-    "    srli a3, a3, 1\n"
-    "    add a3, a0, a3\n"
-    "    add a2, a0, t2\n"
     "    lbu a4, 56(a1)\n"
+    "    lw a0, 32(sp)\n"
+    "    lw a3, 52(sp)\n"
+    "    add a3, a0, a3\n"
+    "    srli t1, t1, 1\n"
     "    add a1, a0, t1\n"
-    "    jal t0, .Lbitnetmcu_fill\n"
-    "8:\n"
-    "    lw a1, 24(sp)\n"
-    "    lw a5, 36(a1)\n"
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, a5\n"
-    "    add a0, a0, a5\n"
-    "    sw a0, 28(sp)\n"
-    "    lw a2, 32(sp)\n"
-    "    addi a5, a5, -2\n"
-    "    srli a5, a5, 1\n"
-    "    add a2, a2, a5\n"
-    "    sw a2, 32(sp)\n"
-    "    lw t0, 40(sp)\n"
-    "    addi t0, t0, -1\n"
-    "    sw t0, 40(sp)\n"
-    "    bnez t0, .Lbitnetmcu_pair\n"
-    ".Lbitnetmcu_return:\n"
-    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
-    "    addi sp, sp, 168\n"
-    "    ret\n"
-    ".Lbitnetmcu_fill:\n"                       /* bytes [a0, a1) and [a2, a3) = a4; returns to t0 */
+    "    srli t2, t2, 1\n"
+    "    add a2, a0, t2\n"
     "    beq a0, a1, 2f\n"
     "1:\n"
     "    sb a4, 0(a0)\n"
@@ -770,7 +725,11 @@ __asm__(
     "    addi a2, a2, 1\n"
     "    bne a2, a3, 3b\n"
     "4:\n"
-    "    jr t0\n"
+    "    BITNETMCU_NEXT .Lbitnetmcu_pair\n"
+    ".Lbitnetmcu_return:\n"
+    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
+    "    addi sp, sp, 176\n"
+    "    ret\n"
     "    .size bitnetmcu_fp130_lanes, . - bitnetmcu_fp130_lanes\n"
     "    .popsection\n");
 
@@ -832,21 +791,19 @@ SPECIALIZE int32_t lane_value(uint32_t acc, uint32_t mask, uint32_t lane)
     return (int32_t)(acc & mask) - (int32_t)(acc >> lane);
 }
 
-/* c->fill in the output columns [0, lo) and [hi, n), unless the plane holds it already. */
+/* c->fill in the output columns [0, lo) and [hi, n). */
 SPECIALIZE void fill_outside(const struct lanes *c, uint8_t *output, uint32_t lo, uint32_t hi, uint32_t n)
 {
-    if (c->filled) return;
     for (uint32_t x = 0; x < lo; x++) output[x] = (uint8_t)c->fill;
     for (uint32_t x = hi; x < n; x++) output[x] = (uint8_t)c->fill;
 }
 
-/* One output row from the lane sums of its columns [lo, hi) (acc[0] is column lo's). */
+/* The output columns [lo, hi) of a row from their lane sums (acc[0] is column lo's). */
 static NOINLINE void fp130_requantize_row(const struct lanes *c, const uint32_t *acc, uint32_t lo, uint32_t hi,
                                           uint8_t *output)
 {
     for (uint32_t x = lo; x < hi; x++)
         output[x] = requantize(lane_value(*acc++, c->mask, c->lane) + c->bias, c->shift);
-    fill_outside(c, output, lo, hi, c->size - 2u);
 }
 
 /* The same with 2x2 max pooling: two rows of lane sums (the second BITNETMCU_MAX_PLANE - 2 words after the
@@ -886,7 +843,8 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
     *hi = (*hi + 1u) & ~1u;
 }
 
-/* Row by row (with pooling, by pairs of rows): the lane sums of the columns to compute, then their outputs. */
+/* Row by row, the lane sums of the columns to compute, then their outputs (the plane holds the fill already);
+ * with pooling, by pairs of rows, and the fill written around the pooled outputs. */
 static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output,
                                       const uint8_t *extent, uint32_t pool)
 {
@@ -896,7 +854,7 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
-            if (lo >= hi) lo = hi = 0;
+            if (lo >= hi) continue;
             row(input + lo, c, acc[0], hi - lo);
             fp130_requantize_row(c, acc[0], lo, hi, output);
         }
@@ -949,8 +907,9 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
             c.bias = bias >> low;
             c.mask = (1u << c.lane) - 1u;
             c.fill = fill_out;
-            c.filled = extent && !pool && output != input;   /* then the rows write only what they compute */
-            if (c.filled) fill_plane(output, (uint32_t)times_small((int32_t)size - 2, (int32_t)size - 2), fill_out);
+            if (!pool && output == input) extent = 0;   /* in place: every output computed, the fill too */
+            if (!pool && extent)   /* the plane filled at once; then the rows write only what they compute */
+                fill_plane(output, (uint32_t)times_small((int32_t)size - 2, (int32_t)size - 2), fill_out);
             conv_fp130_lanes(input, &c, output, extent, pool);
         } else {
             conv_fp130_shifts(input, bias, size, c.r, shift, output);
