@@ -609,12 +609,24 @@ __asm__(
     "    jalr a5\n"                             /* leaves a2 past the last lane sum */
     "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
     "    lw a0, 60(sp)\n"
-    "    addi a3, sp, 64\n"
-    "2:\n"                                      /* backwards, from the last output */
-    "    addi a2, a2, -4\n"
+    "    addi a3, sp, 64\n"                    /* backwards, from the last output, by twos */
+    "    sub a5, a2, a3\n"
+    "    andi a5, a5, 4\n"
+    "    beqz a5, 2f\n"
+    "    addi a2, a2, -4\n"                    /* odd n: the last output alone */
     "    BITNETMCU_LANE_VALUE 0\n"
     "    BITNETMCU_REQUANTIZE\n"
     "    addi a0, a0, -1\n"
+    "    sb a4, 0(a0)\n"
+    "    beq a2, a3, .Lbitnetmcu_next_row\n"
+    "2:\n"
+    "    addi a2, a2, -8\n"
+    "    BITNETMCU_LANE_VALUE 4\n"
+    "    BITNETMCU_REQUANTIZE\n"
+    "    sb a4, -1(a0)\n"
+    "    BITNETMCU_LANE_VALUE 0\n"
+    "    BITNETMCU_REQUANTIZE\n"
+    "    addi a0, a0, -2\n"
     "    sb a4, 0(a0)\n"
     "    bne a2, a3, 2b\n"
     ".Lbitnetmcu_next_row:\n"
