@@ -170,8 +170,8 @@ def test_qconv_matches_python(engine, case):
 
 @pytest.mark.parametrize('size', [3, 4, 5, 6, 7, 14, 16, 31, 32, 33])
 def test_fp130_qconv_at_every_kind_of_plane_size(engine, size):
-    """The FP130 lane kernel has row loops for the sizes of the 16x16 models' planes (16, 14, 6), a generic one,
-    two outputs a pass with an odd one left over, and the per-weight path above BITNETMCU_MAX_PLANE."""
+    """The FP130 lane kernel in C (tests/test_rv32_kernels.py runs its RV32E assembly) has a row loop for 16-wide
+    planes and a generic one, and the per-weight path above BITNETMCU_MAX_PLANE."""
     ffi, lib = engine
     rng = np.random.default_rng(size)
     qtype = QUANT_TYPES['FP130']
