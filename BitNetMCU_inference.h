@@ -103,8 +103,9 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  * shifted inputs in two lanes of one register (positive weights low, negative high): a shift and an add
  * per weight.
  */
-/* FP130's lane kernel takes planes up to this size (wider: per weight). Its two rows of lane sums, 8 x (size - 2)
- * bytes of stack, are sized by it: 16, the models' input size, keeps them at 112 bytes. */
+/* FP130's lane kernel in C takes planes up to this size (wider: per weight). Its two rows of lane sums, 8 x (size - 2)
+ * bytes of stack, are sized by it: 16, the models' input size, keeps them at 112 bytes. On RISC-V the kernel is
+ * assembly for the 16x16 models' plane sizes, 16, 14 and 6 (others: per weight). */
 #ifndef BITNETMCU_MAX_PLANE
 #define BITNETMCU_MAX_PLANE 16
 #endif
