@@ -560,6 +560,16 @@ __asm__(
     "    srl a4, a4, t0\n"
     "    sub a5, a5, a4\n"
     ".endm\n"
+    /* The lane sums of the row at the input row, columns [lo, hi) = [t1, t2), into the first row of lane sums. */
+    ".macro BITNETMCU_FIRST_ROW\n"
+    "    lw a0, 28(sp)\n"
+    "    add a0, a0, t1\n"
+    "    sub a3, t2, t1\n"
+    "    lw a1, 24(sp)\n"
+    "    addi a2, sp, 64\n"
+    "    lw a5, 44(sp)\n"
+    "    jalr a5\n"
+    ".endm\n"
     /* The next output row (with pooling: pair of input rows), back to `loop` while rows are left. */
     ".macro BITNETMCU_NEXT loop\n"
     "    lw a0, 28(sp)\n    lw a5, 48(sp)\n    add a0, a0, a5\n    sw a0, 28(sp)\n"
@@ -600,13 +610,7 @@ __asm__(
     "    lw a5, 32(sp)\n"
     "    add a5, a5, t2\n"
     "    sw a5, 60(sp)\n"                       /* the output row + hi */
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, t1\n"
-    "    sub a3, t2, t1\n"
-    "    lw a1, 24(sp)\n"
-    "    addi a2, sp, 64\n"
-    "    lw a5, 44(sp)\n"
-    "    jalr a5\n"                             /* leaves a2 past the last lane sum */
+    "    BITNETMCU_FIRST_ROW\n"                 /* leaves a2 past the last lane sum */
     "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
     "    lw a0, 60(sp)\n"
     "    addi a3, sp, 64\n"                    /* backwards, from the last output, by twos */
@@ -667,13 +671,7 @@ __asm__(
     "    andi t2, t2, -2\n"
     "5:\n"
     "    sw t1, 56(sp)\n    sw t2, 60(sp)\n"
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, t1\n"
-    "    sub a3, t2, t1\n"
-    "    lw a1, 24(sp)\n"
-    "    addi a2, sp, 64\n"
-    "    lw a5, 44(sp)\n"
-    "    jalr a5\n"                             /* row y */
+    "    BITNETMCU_FIRST_ROW\n"
     "    lw a1, 24(sp)\n"
     "    lw a0, 28(sp)\n"
     "    lw a5, 36(a1)\n"
