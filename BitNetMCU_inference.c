@@ -13,13 +13,9 @@ const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
 #if defined(__GNUC__)
 #define SPECIALIZE static inline __attribute__((always_inline))
 #define NOINLINE __attribute__((noinline))
-/* An empty asm that GCC must assume changes x: it keeps GCC from hoisting loads above it, and so from
- * running out of RV32E's registers. */
-#define KEEP_IN_REGISTER(x) __asm__("" : "+r"(x))
 #else
 #define SPECIALIZE static inline
 #define NOINLINE
-#define KEEP_IN_REGISTER(x) ((void)(x))
 #endif
 #define BITNETMCU_ENUM(name, id, log2_bits) id,
 enum qtype { BITNETMCU_FC_TYPES(BITNETMCU_ENUM) };
@@ -368,13 +364,6 @@ SPECIALIZE int32_t times_weight(int32_t weight, uint32_t log2, int32_t input)
         return weight < 0 ? -v : v;
     }
     return times_small(weight, input);
-}
-
-/* Output row y's columns to compute, [*lo, *hi): the extent's, or all of them without one. */
-SPECIALIZE void row_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
-{
-    *lo = extent ? extent[2u * y] : 0u;
-    *hi = extent ? extent[2u * y + 1u] : n;
 }
 
 /* Any weights: a product per tap. Output pixel (y, x) goes to y * (size - 2) + x, never past an input pixel
@@ -833,6 +822,13 @@ static NOINLINE void fp130_pool_row(const struct lanes *c, const uint32_t *acc, 
         output[x] = requantize(m + c->bias, c->shift);
     }
     fill_outside(c, output, lo >> 1, hi >> 1, (c->size - 2u) >> 1);
+}
+
+/* Output row y's columns to compute, [*lo, *hi): the extent's, or all of them without one. */
+SPECIALIZE void row_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint32_t *lo, uint32_t *hi)
+{
+    *lo = extent ? extent[2u * y] : 0u;
+    *hi = extent ? extent[2u * y + 1u] : n;
 }
 
 /* With pooling, the columns of output rows y and y+1 to compute: the union of their extents, to whole pairs. */
