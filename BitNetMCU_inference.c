@@ -399,43 +399,6 @@ struct lanes {
     uint32_t fill;            /* every output outside the extent */
 };
 
-/* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
- * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
- * is low minus high: one shift and one add per weight, with no sign to test. `lane` is the fewest bits that
- * hold the largest possible positive sum. The channel's smallest exponent m (at most `shift`) comes out of
- * every product: the lanes sum input << (e - m), a bit narrower each, and (sum x 2^m + bias) >> shift is
- * (sum + (bias >> m)) >> (shift - m) exactly.
- * The channel's set-up, in one pass over its codes (bit 3 the sign, bits 0-2 e): the codes in c->r, P and N
- * (the sums of 2^e over the positive and the negative weights), from them the weight sum P - N and the largest
- * positive and negative sums (127 - offset) x P and x N. The products with offset take two multiplies (shifts
- * and adds on the CH32V003), skipped for the later convolutions, whose offset is 0. Sets c->lane to the lane
- * width, or to 0 where the largest negative sum does not fit in the bits left (then conv_fp130_shifts);
- * returns m. */
-static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t shift, struct lanes *c,
-                            int32_t *weight_sum, int32_t *offset_share)
-{
-    uint32_t positive = 0, negative = 0, lane = 0, low = shift, word = codes[0];
-    for (uint32_t *r = c->r; r != c->r + 9; r++, word <<= 4) {
-        if (r == c->r + 8) word = codes[1];
-        uint32_t code = word >> 28, e = code & 7u;
-        *r = code;
-        if (e < low) low = e;
-        if (code & 8u)
-            negative += 1u << e;
-        else
-            positive += 1u << e;
-    }
-    *weight_sum = (int32_t)(positive - negative);
-    int32_t by_offset_p = times_small(offset, (int32_t)positive), by_offset_n = times_small(offset, (int32_t)negative);
-    *offset_share = by_offset_p - by_offset_n;
-    positive = ((positive << 7) - positive - (uint32_t)by_offset_p) >> low;   /* exact: every term has 2^low */
-    negative = ((negative << 7) - negative - (uint32_t)by_offset_n) >> low;
-    for (uint32_t step = 16; step; step >>= 1)   /* the bit length of positive (< 2^19: 255 x 9 x 128), by halves */
-        if (positive >> (lane + step - 1u)) lane += step;
-    c->lane = lane == 0u || (negative >> (32u - lane)) != 0u ? 0u : lane;
-    return low;
-}
-
 /* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract. Computes every output.
  * conv_weights does the same for any weights; taking it here (with channel_weights) instead costs the
  * CH32V003 build of the 64-wide CNN 168 bytes of flash and 76 of stack, which it does not have to spare. */
@@ -875,6 +838,31 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
 }
 #endif
 
+/* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
+ * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
+ * is low minus high: one shift and one add per weight, with no sign to test. The channel's smallest exponent
+ * `low` (at most `shift`) comes out of every product: the lanes sum input << (e - low), a bit narrower each, and
+ * (sum x 2^low + bias) >> shift is (sum + (bias >> low)) >> (shift - low) exactly.
+ * The exporter did the channel's set-up (intmodel.pack_fp130_conv): the codes hold e - low, and the second word
+ * the lane width, low, the weight sum and the largest input the lanes hold. Fills c->r with the shift amounts
+ * (a negative weight's into the high lane), or, where the lanes do not hold the input (127 - offset) or the
+ * plane size, with the codes as they are (then conv_fp130_shifts); returns the lanes' width, or 0. */
+static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t size, struct lanes *c, int32_t *weight_sum,
+                            uint32_t *low)
+{
+    uint32_t setup = codes[1], max_input = (setup >> 20) & 255u, lane = (setup >> 15) & 31u;
+    *low = (setup >> 12) & 7u;
+    *weight_sum = (int32_t)(setup << 20) >> 20;
+    if ((uint32_t)(127 - offset) > max_input || !lanes_take(size)) lane = 0;
+    uint32_t high = lane ? lane : 8u, word = codes[0];   /* 8: a code keeps its sign bit */
+    for (uint32_t *r = c->r; r != c->r + 9; r++, word <<= 4) {
+        if (r == c->r + 8) word = setup;
+        uint32_t code = word >> 28;
+        *r = (code & 8u) ? (code & 7u) + high : code;
+    }
+    return lane;
+}
+
 /* The sum of a channel's weights. */
 SPECIALIZE int32_t weight_sum(const int32_t w[9])
 {
@@ -901,24 +889,23 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
 {
     if (t == FP130) {
         struct lanes c;
-        int32_t total, offset_share;   /* the sum of the weights; offset x total */
-        uint32_t low = fp130_setup(codes, offset, shift, &c, &total, &offset_share);
-        int32_t bias = offset_share + (int32_t)((1u << shift) >> 1);
+        int32_t total;   /* the sum of the weights */
+        uint32_t low, lane = fp130_setup(codes, offset, size, &c, &total, &low);
+        int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
-        if (c.lane && lanes_take(size)) {
-            for (uint32_t i = 0; i < 9u; i++)   /* the codes as shift amounts: a negative weight's into the high lane */
-                c.r[i] = (c.r[i] & 7u) - low + ((c.r[i] & 8u) ? c.lane : 0u);
+        c.shift = shift - low;
+        c.bias = bias >> low;
+        if (lane) {
             c.size = size;
-            c.shift = shift - low;
-            c.bias = bias >> low;
-            c.mask = (1u << c.lane) - 1u;
+            c.lane = lane;
+            c.mask = (1u << lane) - 1u;
             c.fill = fill_out;
             if (!pool && output == input) extent = 0;   /* in place: every output computed, the fill too */
             if (!pool && extent)   /* the plane filled at once; then the rows write only what they compute */
                 fill_plane(output, (uint32_t)times_small((int32_t)size - 2, (int32_t)size - 2), fill_out);
             conv_fp130_lanes(input, &c, output, extent, pool);
         } else {
-            conv_fp130_shifts(input, bias, size, c.r, shift, output);
+            conv_fp130_shifts(input, c.bias, size, c.r, c.shift, output);
             if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
         }
         return fill_out;

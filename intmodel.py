@@ -234,6 +234,39 @@ def pack_bits(codes, bits):
     return (codes.astype(np.uint64) << shifts).sum(axis=-1).astype(np.uint32)
 
 
+def pack_fp130_conv(iw, shift):
+    """FP130 convolution channels (channels, 9) -> 2 uint32 words each, with the set-up the kernel would otherwise
+    compute per call (conv_setup in BitNetMCU_inference.c reads it):
+        word 0   the codes of weights 0-7, MSB-first        word 1, bits 28-31   the code of weight 8
+        bits 20-27   max_input: the largest input (plane value) the lanes hold
+        bits 15-19   lane: the width of the positive lane   bits 12-14   low = min(shift, smallest exponent)
+        bits 0-11    the sum of the weights, two's complement
+    A code is sign << 3 | (e - low) for a weight +-2^e: every product carries 2^low, taken out once."""
+    iw = np.asarray(iw, dtype=np.int64)
+    if iw.ndim != 2 or iw.shape[1] != 9:
+        raise ExportError(f"an FP130 convolution has 9 weights per channel, not shape {iw.shape}")
+    exponent = np.rint(np.log2(np.abs(iw))).astype(np.int64)
+    if not np.array_equal(np.sign(iw) << exponent, iw) or exponent.max() > 7:
+        raise ExportError("FP130 weights are +-2^e with e in 0..7")
+    low = np.minimum(exponent.min(axis=1), shift)
+    relative = exponent - low[:, None]
+    words = pack_bits(((iw < 0) << 3) | relative, 4)
+    for channel, (w, r) in enumerate(zip(iw, relative)):
+        positive, negative = int((1 << r[w > 0]).sum()), int((1 << r[w < 0]).sum())
+        for max_input in range(255, 0, -1):   # the widest input range whose high lane still fits beside the low one
+            lane = max(1, (max_input * positive).bit_length())
+            if (max_input * negative) >> (32 - lane) == 0:
+                break
+        words[channel, 1] |= max_input << 20 | lane << 15 | int(low[channel]) << 12 | (int(w.sum()) & 0xFFF)
+    return words
+
+
+def pack_qconv(qtype, iw, shift):
+    """An int8-activation convolution's weights (channels, 9) as BitNetMCU_qconv3x3_<type> reads them with this
+    shift: each channel's codes from a new word (FP130: with its set-up)."""
+    return pack_fp130_conv(iw, shift) if qtype.name == 'FP130' else pack_codes(qtype, iw)
+
+
 def input_groups(qtype):
     """Inputs whose codes the input-major layout puts side by side, so that they make one 4-bit code:
     4 for 1-bit, 2 for 2-bit types (the kernel then adds one table entry for 4 or 2 weights), else 1."""
@@ -295,7 +328,7 @@ def pack_model(int_model, layout=LAYOUTS[0]):
             packed.append(PackedLayer(op, kernel, 'channels', op.weights.astype(np.int8)))
         elif op.kind == 'qconv':
             packed.append(PackedLayer(op, f'BitNetMCU_qconv3x3_{op.qtype.name}', 'channels',
-                                      pack_codes(op.qtype, op.weights)))
+                                      pack_qconv(op.qtype, op.weights, op.shift)))
         else:
             packed.append(pack_fc(op, layout, skip_background=reads_image))
     return packed

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
-from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, qconv3x3, shiftnorm_relu
+from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3, shiftnorm_relu
 from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
@@ -150,7 +150,7 @@ def test_qconv_matches_python(engine, case):
     size = plane.shape[0]
     _, expected = qconv3x3(torch.from_numpy((plane.astype(np.float32) + offset)[None, None]), w[None], shift)
     expected = expected.numpy().astype(np.uint8)
-    words = pack_codes(qtype, w[None])[0]
+    words = pack_qconv(qtype, w[None], shift)[0]
     kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
     out = np.zeros((size - 2) ** 2, np.uint8)
     kernel(ffi.from_buffer('uint8_t[]', plane), offset, size, ffi.from_buffer(words), shift,
@@ -183,7 +183,7 @@ def test_fp130_qconv_at_every_kind_of_plane_size(engine, size):
         _, expected = qconv3x3(torch.from_numpy((plane.astype(np.float32) + offset)[None, None]), w[None], shift)
         out = np.zeros((size - 2) ** 2, np.uint8)
         lib.BitNetMCU_qconv3x3_FP130(ffi.from_buffer('uint8_t[]', plane), offset, size,
-                                     ffi.from_buffer(pack_codes(qtype, w[None])[0]), shift,
+                                     ffi.from_buffer(pack_qconv(qtype, w[None], shift)[0]), shift,
                                      ffi.from_buffer('uint8_t[]', out), ffi.NULL, 0, 0)
         assert np.array_equal(out, expected.numpy().astype(np.uint8).flatten()), (trial, w, offset, shift)
 
@@ -210,7 +210,7 @@ def test_qconv_extents_skip_only_what_is_constant(engine, qtype, size, seed):
     lib.BitNetMCU_conv_extent(ffi.from_buffer(image_extent), size, ffi.from_buffer(extent0))
     buf = plane.flatten().copy()
     kernel = getattr(lib, f'BitNetMCU_qconv3x3_{qtype.name}')
-    fill = kernel(ffi.from_buffer('uint8_t[]', buf), offset, size, ffi.from_buffer(pack_codes(qtype, w1[None])[0]),
+    fill = kernel(ffi.from_buffer('uint8_t[]', buf), offset, size, ffi.from_buffer(pack_qconv(qtype, w1[None], 6)[0]),
                   6, ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent0), 0, 0)
     assert np.array_equal(buf[:(size - 2) ** 2], first.numpy().astype(np.uint8).flatten())
     if not plane[:3, :3].any():   # a window of the image's background
@@ -220,7 +220,7 @@ def test_qconv_extents_skip_only_what_is_constant(engine, qtype, size, seed):
     pool = 1 - size % 2   # (size - 4) even: the second convolution also pools, as in the models
     expected = second.numpy().astype(np.uint8)
     expected = (maxpool2(expected.astype(np.int64)) if pool else expected).flatten()
-    kernel(ffi.from_buffer('uint8_t[]', buf), 0, size - 2, ffi.from_buffer(pack_codes(qtype, w2[None])[0]), 5,
+    kernel(ffi.from_buffer('uint8_t[]', buf), 0, size - 2, ffi.from_buffer(pack_qconv(qtype, w2[None], 5)[0]), 5,
            ffi.from_buffer('uint8_t[]', buf), ffi.from_buffer(extent1), fill, pool)
     assert np.array_equal(buf[:len(expected)], expected)
 

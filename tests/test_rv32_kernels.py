@@ -11,7 +11,7 @@ import torch
 
 from BitNetMCU import QUANT_TYPES
 from conftest import ROOT
-from intmodel import maxpool2, pack_codes, qconv3x3
+from intmodel import maxpool2, pack_qconv, qconv3x3
 from test_inference import build_engine
 
 RAM, CODE = 0x20000000, 0x0
@@ -106,7 +106,7 @@ def test_lane_assembly_matches_python_in_every_mode(core, engine, size):
         shift = int(rng.integers(0, 9))
         _, expected = qconv3x3(torch.from_numpy((plane.astype(np.float32) + offset)[None, None]), w[None], shift)
         expected = expected.numpy().astype(np.int64)[0, 0]
-        words = pack_codes(QUANT_TYPES['FP130'], w[None])[0]
+        words = pack_qconv(QUANT_TYPES['FP130'], w[None], shift)[0]
         extent = np.zeros(2 * (size - 2), np.uint8)   # the output columns whose window touches the input's extent
         ffi, lib = engine
         lib.BitNetMCU_conv_extent(ffi.from_buffer(row_extents(plane, fill)), size, ffi.from_buffer(extent))
@@ -121,3 +121,25 @@ def test_lane_assembly_matches_python_in_every_mode(core, engine, size):
         assert core.driver_calls > calls_before   # the assembly ran, not only the per-weight path
     else:
         assert core.driver_calls == calls_before
+
+
+@pytest.mark.parametrize('signs', [(1, 1, -1, 1, -1, 1, -1, 1, -1), (-1, -1, 1, -1, 1, -1, 1, -1, 1)])
+def test_lanes_hold_inputs_up_to_their_packed_limit(core, signs):
+    """Weights of 1 and 128 need lanes too wide for every input up to 255: the exporter packs the largest input
+    the lanes hold (max_input, word 1 bits 20-27). The kernel takes the lanes for a plane up to that value
+    (127 - offset) and the per-weight path above it; at both sides of the limit, a plane of the largest value
+    fills both lanes to the top, and the outputs are exact."""
+    w = np.array(signs) * np.array([1, 128, 128, 128, 128, 128, 128, 128, 128])
+    shift = 8
+    words = pack_qconv(QUANT_TYPES['FP130'], w[None], shift)[0]
+    max_input = int(words[1]) >> 20 & 255
+    assert 127 <= max_input < 255
+    for top, lanes in ((max_input, True), (max_input + 1, False)):
+        offset = 127 - top
+        plane = np.full((16, 16), top, np.uint8)
+        plane[5:9, 3:12] = np.arange(36).reshape(4, 9) % (top + 1)
+        _, expected = qconv3x3(torch.from_numpy((plane.astype(np.float32) + offset)[None, None]), w[None], shift)
+        calls_before = core.driver_calls
+        out, _ = core.qconv(plane, offset, words, shift, None, 0, 0, False)
+        assert np.array_equal(out, expected.numpy().astype(np.uint8).flatten()), top
+        assert (core.driver_calls > calls_before) == lanes, top
