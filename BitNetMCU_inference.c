@@ -399,10 +399,11 @@ struct lanes {
     uint32_t fill;            /* every output outside the extent */
 };
 
-/* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract. Computes every output.
+/* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract (r: the shift amounts of
+ * fp130_setup, a negative weight's `high` further). Computes every output.
  * conv_weights does the same for any weights; taking it here (with channel_weights) instead costs the
  * CH32V003 build of the 64-wide CNN 168 bytes of flash and 76 of stack, which it does not have to spare. */
-static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t codes[9],
+static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size, const uint32_t r[9], uint32_t high,
                               uint32_t shift, uint8_t *output)
 {
     uint32_t out_size = size - 2u;
@@ -411,8 +412,9 @@ static void conv_fp130_shifts(const uint8_t *input, int32_t bias, uint32_t size,
             int32_t sum = bias;
             for (uint32_t i = 0, row = x; i < 9u; i += 3u, row += size)
                 for (uint32_t k = 0; k < 3u; k++) {
-                    int32_t v = shl(input[row + k], codes[i + k] & 7u);
-                    sum += (codes[i + k] & 8u) ? -v : v;
+                    uint32_t negative = r[i + k] >= high;
+                    int32_t v = shl(input[row + k], negative ? r[i + k] - high : r[i + k]);
+                    sum += negative ? -v : v;
                 }
             *output++ = requantize(sum, shift);
         }
@@ -450,8 +452,10 @@ static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
  *     0 s0, s1, ra, tp   16 end of p   20 the lane loop's return   24 c   28 input row   32 output row
  *    36 extent (0: none)   40 rows left   44 the lane loop   48, 52 the input and output rows' steps   56 lo
  *    60 hi (without pooling: the output row + hi)   64 the lane sums of row y   120 of row y + 1
+ *   176 the first input of a second row (0: none)
  * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row and leaves a2 past
- * them; it keeps only sp and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions
+ * them; with a second row (pooling, so n is even) it goes on with the same columns there, into the lane sums of row
+ * y + 1 (one call per pair of rows, the nine shift amounts loaded once). It keeps only sp and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions
  * an output. Without pooling the plane holds the fill already (or every output is computed). */
 typedef void lane_loop_fn(void);   /* not callable from C */
 extern lane_loop_fn bitnetmcu_lane_loop16, bitnetmcu_lane_loop14, bitnetmcu_lane_loop6;
@@ -717,22 +721,13 @@ SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
          : size == 6u ? bitnetmcu_lane_loop6 : (lane_loop_fn *)0;
 }
 
-SPECIALIZE uint32_t lanes_take(uint32_t size)
-{
-    return lane_loop(size) != 0;
-}
-
 static void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
-                             uint32_t pool)
+                             uint32_t pool, lane_loop_fn *loop)
 {
-    bitnetmcu_fp130_lanes(input, c, output, extent, pool, lane_loop(c->size));
+    bitnetmcu_fp130_lanes(input, c, output, extent, pool, loop);
 }
 #else
 /* The same in C. */
-SPECIALIZE uint32_t lanes_take(uint32_t size)
-{
-    return size <= BITNETMCU_MAX_PLANE;
-}
 
 /* One output row's lane sums. With the plane size a constant the three input rows are offsets of one pointer,
  * which leaves the registers to the nine shift amounts: per weight a load, a shift and an add. */
@@ -749,7 +744,8 @@ SPECIALIZE void fp130_lane_row(const uint8_t *p, uint32_t size, const uint32_t r
 #undef BITNETMCU_LANE_SUM
 }
 
-typedef void lane_row_fn(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n);
+/* One row's n lane sums from p on (one output each) into acc. */
+typedef void lane_loop_fn(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n);
 
 static NOINLINE void fp130_lane_row_any(const uint8_t *p, const struct lanes *c, uint32_t *acc, uint32_t n)
 {
@@ -830,11 +826,10 @@ SPECIALIZE void pair_extent(const uint8_t *extent, uint32_t y, uint32_t n, uint3
 /* Row by row, the lane sums of the columns to compute, then their outputs (the plane holds the fill already);
  * with pooling, by pairs of rows, and the fill written around the pooled outputs. */
 static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output,
-                                      const uint8_t *extent, uint32_t pool)
+                                      const uint8_t *extent, uint32_t pool, lane_loop_fn *row)
 {
     const uint32_t size = c->size, out_size = size - 2u;
     uint32_t acc[2][BITNETMCU_MAX_PLANE - 2], lo, hi;
-    lane_row_fn *row = size == 16u ? fp130_lane_row16 : fp130_lane_row_any;
     if (!pool) {
         for (uint32_t y = 0; y < out_size; y++, input += size, output += out_size) {
             row_extent(extent, y, out_size, &lo, &hi);
@@ -851,6 +846,12 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
         fp130_pool_row(c, acc[0], lo, hi, output);
     }
 }
+
+/* The row function of a plane size, or 0 (wider than BITNETMCU_MAX_PLANE: the per-weight path). */
+SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
+{
+    return size > BITNETMCU_MAX_PLANE ? (lane_loop_fn *)0 : size == 16u ? fp130_lane_row16 : fp130_lane_row_any;
+}
 #endif
 
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
@@ -859,17 +860,16 @@ static NOINLINE void conv_fp130_lanes(const uint8_t *input, const struct lanes *
  * `low` (at most `shift`) comes out of every product: the lanes sum input << (e - low), a bit narrower each, and
  * (sum x 2^low + bias) >> shift is (sum + (bias >> low)) >> (shift - low) exactly.
  * The exporter did the channel's set-up (intmodel.pack_fp130_conv): the codes hold e - low, and the second word
- * the lane width, low, the weight sum and the largest input the lanes hold. Fills c->r with the shift amounts
- * (a negative weight's into the high lane), or, where the lanes do not hold the input (127 - offset) or the
- * plane size, with the codes as they are (then conv_fp130_shifts); returns the lanes' width, or 0. */
-static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, uint32_t size, struct lanes *c, int32_t *weight_sum,
-                            uint32_t *low)
+ * the lane width, low, the weight sum and the largest input the lanes hold. Fills c->r with the shift amounts,
+ * a negative weight's the lane width further (into the high lane), and returns the lane width; or, where the lanes
+ * do not hold the input (127 - offset), with the codes as they are, 8 further, and returns 0. */
+static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, struct lanes *c, int32_t *weight_sum, uint32_t *low)
 {
     uint32_t setup = codes[1], max_input = (setup >> 20) & 255u, lane = (setup >> 15) & 31u;
     *low = (setup >> 12) & 7u;
     *weight_sum = (int32_t)(setup << 20) >> 20;
-    if ((uint32_t)(127 - offset) > max_input || !lanes_take(size)) lane = 0;
-    uint32_t high = lane ? lane : 8u, word = codes[0];   /* 8: a code keeps its sign bit */
+    if ((uint32_t)(127 - offset) > max_input) lane = 0;
+    uint32_t high = lane ? lane : 8u, word = codes[0];
     for (uint32_t *r = c->r; r != c->r + 9; r++, word <<= 4) {
         if (r == c->r + 8) word = setup;
         uint32_t code = word >> 28;
@@ -905,12 +905,13 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
     if (t == FP130) {
         struct lanes c;
         int32_t total;   /* the sum of the weights */
-        uint32_t low, lane = fp130_setup(codes, offset, size, &c, &total, &low);
+        uint32_t low, lane = fp130_setup(codes, offset, &c, &total, &low);
         int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
         c.shift = shift - low;
         c.bias = bias >> low;
-        if (lane) {
+        lane_loop_fn *loop = lane ? lane_loop(size) : (lane_loop_fn *)0;
+        if (loop) {
             c.size = size;
             c.lane = lane;
             c.mask = (1u << lane) - 1u;
@@ -918,9 +919,9 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
             if (!pool && output == input) extent = 0;   /* in place: every output computed, the fill too */
             if (!pool && extent)   /* the plane filled at once; then the rows write only what they compute */
                 fill_plane(output, (uint32_t)times_small((int32_t)size - 2, (int32_t)size - 2), fill_out);
-            conv_fp130_lanes(input, &c, output, extent, pool);
+            conv_fp130_lanes(input, &c, output, extent, pool, loop);
         } else {
-            conv_fp130_shifts(input, c.bias, size, c.r, c.shift, output);
+            conv_fp130_shifts(input, c.bias, size, c.r, lane ? lane : 8u, c.shift, output);
             if (pool) BitNetMCU_maxpool2_u8(output, size - 2u, output);
         }
         return fill_out;
