@@ -392,7 +392,7 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
 /* One channel's lane convolution. The RV32E assembly below reads it by these offsets (in bytes: r 0, size 36,
  * lane 40, shift 44, bias 48, mask 52, fill 56). */
 struct lanes {
-    uint32_t r[9];            /* e - m, or lane + e - m for a negative weight (m: see fp130_setup) */
+    uint32_t r[9];            /* e - low, or lane + e - low for a negative weight (see fp130_setup) */
     uint32_t size, lane, shift;
     int32_t bias;
     uint32_t mask;            /* the low lane: (1 << lane) - 1 */

@@ -94,7 +94,9 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
  * (the plane holds input - offset) and writes the requantized result:
  *     output[(size-2)^2] = clamp((sum + 2^shift / 2) >> shift, 0, 127)
  * Works in place (output == input). Weights: the 9 codes of the channel as the fully connected kernels
- * store them, packed MSB-first into uint32_t words (Ternary: 10 trits in one uint16_t).
+ * store them, packed MSB-first into uint32_t words (Ternary: 10 trits in one uint16_t). FP130 also carries
+ * the channel's set-up in the 28 bits after its codes, for the shift it is called with (intmodel.py's
+ * pack_fp130_conv writes them; its codes hold each exponent less the channel's smallest).
  * extent (or a null pointer: all of it): per output row y the columns [extent[2y], extent[2y+1]) whose
  * 3x3 window may hold an input other than `fill`; everywhere else every input is `fill`, so every output
  * is one value, written without computing it. Returns that value (the next layer's `fill`).
