@@ -455,8 +455,9 @@ static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
  *   176 the first input of a second row (0: none)
  * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row and leaves a2 past
  * them; with a second row (pooling, so n is even) it goes on with the same columns there, into the lane sums of row
- * y + 1 (one call per pair of rows, the nine shift amounts loaded once). It keeps only sp and the frame. Unrolled by two, entered in its second half when n is odd: 29 instructions
- * an output. Without pooling the plane holds the fill already (or every output is computed). */
+ * y + 1 (one call per pair of rows, the nine shift amounts loaded once). It keeps only sp and the frame. Unrolled by
+ * two, entered in its second half when n is odd: 29 instructions an output. Without pooling the plane holds the fill
+ * already (or every output is computed). */
 typedef void lane_loop_fn(void);   /* not callable from C */
 extern lane_loop_fn bitnetmcu_lane_loop16, bitnetmcu_lane_loop14, bitnetmcu_lane_loop6;
 void bitnetmcu_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
