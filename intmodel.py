@@ -245,8 +245,9 @@ def pack_fp130_conv(iw, shift):
     iw = np.asarray(iw, dtype=np.int64)
     if iw.ndim != 2 or iw.shape[1] != 9:
         raise ExportError(f"an FP130 convolution has 9 weights per channel, not shape {iw.shape}")
-    exponent = np.rint(np.log2(np.abs(iw))).astype(np.int64)
-    if not np.array_equal(np.sign(iw) << exponent, iw) or exponent.max() > 7:
+    magnitude = np.abs(iw)
+    exponent = np.rint(np.log2(np.maximum(magnitude, 1))).astype(np.int64)
+    if not np.array_equal(1 << exponent, magnitude) or exponent.max() > 7:
         raise ExportError("FP130 weights are +-2^e with e in 0..7")
     low = np.minimum(exponent.min(axis=1), shift)
     relative = exponent - low[:, None]

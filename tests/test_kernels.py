@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
-from intmodel import IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3, shiftnorm_relu
+from intmodel import (ExportError, IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3,
+                      shiftnorm_relu)
 from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
@@ -272,3 +273,12 @@ def test_kernels_are_clean_under_address_and_undefined_behavior_sanitizers():
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert 'passed' in out.stdout and 'runtime error' not in out.stderr and 'AddressSanitizer' not in out.stderr
+
+
+def test_fp130_packing_refuses_weights_that_are_not_powers_of_two():
+    with pytest.raises(ExportError, match=r'\+-2\^e'):
+        pack_qconv(QUANT_TYPES['FP130'], np.array([[1, 2, 3, 4, 8, 16, 32, 64, 128]]), 6)
+    with pytest.raises(ExportError, match=r'\+-2\^e'):
+        pack_qconv(QUANT_TYPES['FP130'], np.array([[1, 2, 0, 4, 8, 16, 32, 64, -256]]), 6)
+    with pytest.raises(ExportError, match='9 weights'):
+        pack_qconv(QUANT_TYPES['FP130'], np.ones((2, 8), np.int64), 6)
