@@ -864,6 +864,12 @@ SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
  * the lane width, low, the weight sum and the largest input the lanes hold. Fills c->r with the shift amounts,
  * a negative weight's the lane width further (into the high lane), and returns the lane width; or, where the lanes
  * do not hold the input (127 - offset), with the codes as they are, 8 further, and returns 0. */
+/* The shift amount of a code (bit 3 the sign): a negative weight's `high` further. */
+SPECIALIZE uint32_t shift_amount(uint32_t code, uint32_t high)
+{
+    return (code & 8u) ? (code & 7u) + high : code;
+}
+
 static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, struct lanes *c, int32_t *weight_sum, uint32_t *low)
 {
     uint32_t setup = codes[1], max_input = (setup >> 20) & 255u, lane = (setup >> 15) & 31u;
@@ -871,11 +877,8 @@ static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, struct lanes 
     *weight_sum = (int32_t)(setup << 20) >> 20;
     if ((uint32_t)(127 - offset) > max_input) lane = 0;
     uint32_t high = lane ? lane : 8u, word = codes[0];
-    for (uint32_t *r = c->r; r != c->r + 9; r++, word <<= 4) {
-        if (r == c->r + 8) word = setup;
-        uint32_t code = word >> 28;
-        *r = (code & 8u) ? (code & 7u) + high : code;
-    }
+    for (uint32_t *r = c->r; r != c->r + 8; r++, word <<= 4) *r = shift_amount(word >> 28, high);
+    c->r[8] = shift_amount(setup >> 28, high);
     return lane;
 }
 
@@ -907,8 +910,8 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
         struct lanes c;
         int32_t total;   /* the sum of the weights */
         uint32_t low, lane = fp130_setup(codes, offset, &c, &total, &low);
-        int32_t bias = times_small(offset, total) + (int32_t)((1u << shift) >> 1);
-        uint8_t fill_out = requantize(times_small((int32_t)fill, total) + bias, shift);
+        int32_t bias = (offset ? times_small(offset, total) : 0) + (int32_t)((1u << shift) >> 1);   /* often 0 */
+        uint8_t fill_out = requantize((fill ? times_small((int32_t)fill, total) : 0) + bias, shift);
         c.shift = shift - low;
         c.bias = bias >> low;
         lane_loop_fn *loop = lane ? lane_loop(size) : (lane_loop_fn *)0;
