@@ -219,7 +219,7 @@ def test_the_smoke_sweep_runs_as_committed(tmp_path):
 def test_a_stopped_sweep_queues_its_trial_again(tmp_path):
     """`kill` (SIGTERM) or Ctrl-C in the middle of a trial: the sweep exits 130, the trial is failed and its
     parameters wait for the next run, which trains them first."""
-    spec_file = write_sweep(tmp_path / 's.yaml', trials=2, epochs=3, pruning=False)
+    spec_file = write_sweep(tmp_path / 's.yaml', trials=2, epochs=40, pruning=False)   # seconds of training to stop in
     out = tmp_path / 'out'
     url = f"sqlite:///{out / 'study.db'}"
     proc = subprocess.Popen(sweep_command(spec_file, out, None, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
