@@ -855,6 +855,12 @@ SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
 }
 #endif
 
+/* The shift amount of a code (bit 3 the sign): a negative weight's `high` further. */
+SPECIALIZE uint32_t shift_amount(uint32_t code, uint32_t high)
+{
+    return (code & 8u) ? (code & 7u) + high : code;
+}
+
 /* FP130 in lanes: each weight is +-2^e, so input << e is its product. Positive weights add into the low
  * `lane` bits of one register, negative ones (shifted `lane` bits further) into the bits above, and the sum
  * is low minus high: one shift and one add per weight, with no sign to test. The channel's smallest exponent
@@ -864,12 +870,6 @@ SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
  * the lane width, low, the weight sum and the largest input the lanes hold. Fills c->r with the shift amounts,
  * a negative weight's the lane width further (into the high lane), and returns the lane width; or, where the lanes
  * do not hold the input (127 - offset), with the codes as they are, 8 further, and returns 0. */
-/* The shift amount of a code (bit 3 the sign): a negative weight's `high` further. */
-SPECIALIZE uint32_t shift_amount(uint32_t code, uint32_t high)
-{
-    return (code & 8u) ? (code & 7u) + high : code;
-}
-
 static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, struct lanes *c, int32_t *weight_sum, uint32_t *low)
 {
     uint32_t setup = codes[1], max_input = (setup >> 20) & 255u, lane = (setup >> 15) & 31u;
@@ -910,7 +910,8 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
         struct lanes c;
         int32_t total;   /* the sum of the weights */
         uint32_t low, lane = fp130_setup(codes, offset, &c, &total, &low);
-        int32_t bias = (offset ? times_small(offset, total) : 0) + (int32_t)((1u << shift) >> 1);   /* often 0 */
+        /* the offset is 0 after the first convolution, the fill 0 in it: no multiply then */
+        int32_t bias = (offset ? times_small(offset, total) : 0) + (int32_t)((1u << shift) >> 1);
         uint8_t fill_out = requantize((fill ? times_small((int32_t)fill, total) : 0) + bias, shift);
         c.shift = shift - low;
         c.bias = bias >> low;

@@ -236,7 +236,7 @@ def pack_bits(codes, bits):
 
 def pack_fp130_conv(iw, shift):
     """FP130 convolution channels (channels, 9) -> 2 uint32 words each, with the set-up the kernel would otherwise
-    compute per call (conv_setup in BitNetMCU_inference.c reads it):
+    compute per call (fp130_setup in BitNetMCU_inference.c reads it):
         word 0   the codes of weights 0-7, MSB-first        word 1, bits 28-31   the code of weight 8
         bits 20-27   max_input: the largest input (plane value) the lanes hold
         bits 15-19   lane: the width of the positive lane   bits 12-14   low = min(shift, smallest exponent)
