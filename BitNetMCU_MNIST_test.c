@@ -9,6 +9,9 @@
 #include "BitNetMCU_model.h"
 #include "BitNetMCU_MNIST_test_data.h"
 
+#ifndef BITNETMCU_MODEL_FORMAT
+#error "BitNetMCU_model.h names no format: it predates this engine; export the model again with exportquant.py"
+#endif
 #if BITNETMCU_MODEL_INPUTS != 256
 #error "the test data holds 16x16 images"
 #endif

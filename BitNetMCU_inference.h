@@ -14,6 +14,11 @@
 
 #include <stdint.h>
 
+/* The model header format this engine reads (exportquant.py's HEADER_FORMAT). A model header names the format
+ * it was exported in and stops the build (#error) on any other; a header older than the check names none, and
+ * the programs that include one stop on that. Bumped whenever a kernel reads its weights differently. */
+#define BITNETMCU_ENGINE_FORMAT 2
+
 #if defined(__riscv) && !defined(__riscv_mul) && !defined(__riscv_zmmul) && !defined(BITNETMCU_NO_MUL)
 #define BITNETMCU_NO_MUL 1
 #endif

@@ -25,6 +25,7 @@ from intmodel import ExportError, encode_input, pack_model, reference_logits, to
 from testdata import fingerprint_line
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
+HEADER_FORMAT = 2   # BITNETMCU_ENGINE_FORMAT of the engine that reads these headers (2: FP130 set-up at export)
 
 
 def add_model_arguments(parser):
@@ -274,6 +275,10 @@ def header_text(int_model, source_name, layout=LAYOUTS[0]):
             f"{activation_ram(int_model, packed)} bytes. */\n"
             "#ifndef BITNETMCU_MODEL_H\n#define BITNETMCU_MODEL_H\n\n"
             "#include <stdint.h>\n#include \"BitNetMCU_inference.h\"\n\n"
+            f"#define BITNETMCU_MODEL_FORMAT {HEADER_FORMAT}\n"
+            "#if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT\n"
+            f"#error \"this model header is format {HEADER_FORMAT}, BitNetMCU_inference.h reads another: "
+            "export the model again with the exportquant.py of this engine\"\n#endif\n"
             + layout_line +
             f"#define BITNETMCU_MODEL_INPUT_SIZE {int_model.input_size}\n"
             f"#define BITNETMCU_MODEL_INPUTS {int_model.input_size ** 2}\n"

@@ -14,6 +14,10 @@
 #include "BitNetMCU_model.h"
 #include "platform.h"
 
+#ifndef BITNETMCU_MODEL_FORMAT
+#error "BitNetMCU_model.h names no format: it predates this engine; export the model again with exportquant.py"
+#endif
+
 #ifdef BITNETMCU_TESTSET_ADDR
 #define TESTSET ((const uint32_t *)BITNETMCU_TESTSET_ADDR)
 #define TESTSET_MAGIC 0x544D4E42u   /* "BNMT", little endian */

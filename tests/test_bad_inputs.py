@@ -1,6 +1,7 @@
 """Bad inputs and faults, as a new user meets them: every case gets a one-line error that names the problem
 and the fix (no traceback), the exit status says so, and nothing the user had is lost or replaced."""
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -194,6 +195,36 @@ def test_test_data_of_another_header_is_refused(trained, tmp_path, small_mnist, 
                             str(ROOT / 'BitNetMCU_inference.c'), '-o', str(tmp_path / 'a.out')],
                            capture_output=True, text=True)
     assert build.returncode != 0 and 'made for another model header: run test_inference.py' in build.stderr
+
+
+def test_a_header_of_another_engine_format_stops_the_build(trained, tmp_path, small_mnist, monkeypatch):
+    """A kernel that reads its weights differently would compute wrong outputs from an older header without
+    a word: the header names its format, and the build stops on any other, or on a header that names none."""
+    header, data, _ = header_and_data(trained, tmp_path, small_mnist, monkeypatch)
+    (tmp_path / 'BitNetMCU_MNIST_test_data.h').write_text(data.read_text())
+    host_test = tmp_path / 'BitNetMCU_MNIST_test.c'
+    host_test.write_text((ROOT / 'BitNetMCU_MNIST_test.c').read_text())
+    engine = (ROOT / 'BitNetMCU_inference.h').read_text()
+
+    def build(header_text, engine_text=engine):
+        """The compiler's messages for both programs that include a model header (host test, firmware)."""
+        (tmp_path / 'BitNetMCU_model.h').write_text(header_text)
+        (tmp_path / 'BitNetMCU_inference.h').write_text(engine_text)   # found before ROOT's
+        return [subprocess.run(['cc', '-std=c99', '-fsyntax-only', f'-I{tmp_path}', f'-I{ROOT / "mcu"}', f'-I{ROOT}',
+                                str(program)], capture_output=True, text=True)
+                for program in (host_test, ROOT / 'mcu' / 'BitNetMCUdemo.c')]
+
+    text = header.read_text()
+    assert all(result.returncode == 0 for result in build(text))
+    other_engine = engine.replace(f'#define BITNETMCU_ENGINE_FORMAT {exportquant.HEADER_FORMAT}\n',
+                                  f'#define BITNETMCU_ENGINE_FORMAT {exportquant.HEADER_FORMAT + 1}\n')
+    assert other_engine != engine
+    for result in build(text, other_engine):
+        assert result.returncode != 0 and 'BitNetMCU_inference.h reads another: export the model again' in result.stderr
+    older = re.sub(r'#define BITNETMCU_MODEL_FORMAT \d+\n#if .*?#endif\n', '', text, flags=re.S)
+    assert 'BITNETMCU_MODEL_FORMAT' not in older
+    for result in build(older):
+        assert result.returncode != 0 and 'names no format: it predates this engine' in result.stderr
 
 
 def test_an_edited_header_is_caught(trained, tmp_path, small_mnist, monkeypatch):

@@ -6,8 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
+#define BITNETMCU_MODEL_FORMAT 2
+#if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
+#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0xb947ed32u
+#define BITNETMCU_MODEL_FINGERPRINT 0x372663d5u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10

@@ -6,8 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
+#define BITNETMCU_MODEL_FORMAT 2
+#if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
+#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0xeaebf04bu
+#define BITNETMCU_MODEL_FINGERPRINT 0x60ea6eb1u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
