@@ -338,12 +338,42 @@ ACT_MAX = 127   # int8 convolution activations are 0 .. ACT_MAX (7 bits, like th
 ACT_QUANTILE = 0.999   # the sum a layer's shift maps to ACT_MAX: this quantile of its sums in training
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _Requantize(torch.autograd.Function):
+    """ReLU and the MCU's int8 activation of integer sums: clamp((acc + 2^shift/2) >> shift, 0, ACT_MAX). The
+    gradient is acc / 2^shift's, passed straight through where that is inside the range and zero outside it:
+    autograd's divide and clamp, bit for bit (scaling by 2^-shift is exact, as dividing by 2^shift is), in a
+    third of the time on a CPU, where clamp's backward (torch.where) is slow; the zeros clear bits instead."""
+
+    @staticmethod
+    def forward(ctx, acc, shift):
+        ctx.scale = 2.0 ** -shift
+        ctx.save_for_backward(acc.clamp(0, ACT_MAX * 2 ** shift) == acc)   # 0 <= acc <= the top, in one compare
+        return ((acc + (2 ** shift // 2)) * ctx.scale).floor_().clamp_(0, ACT_MAX)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, = ctx.saved_tensors
+        scaled = grad * ctx.scale
+        bits = _SAME_SIZE_INT[scaled.element_size()]
+        return scaled.view(bits).bitwise_and_(inside.to(bits).neg_()).view(scaled.dtype), None
+
+
 def requantize(acc, shift):
-    """ReLU and the MCU's int8 activation: clamp((acc + 2^shift/2) >> shift, 0, ACT_MAX). The gradient passes
-    straight through inside the range and is zero outside it."""
-    with torch.no_grad():
-        q = torch.floor((acc + (2 ** shift // 2)) / 2 ** shift).clamp(0, ACT_MAX)
-    return _StraightThrough.apply((acc / 2 ** shift).clamp(0, ACT_MAX), q)
+    """_Requantize of sums that hold integers (the forward pass rounds them; the gradient passes through)."""
+    return _Requantize.apply(acc, shift)
+
+
+def top_quantile(flat, q):
+    """torch.quantile(flat, q) of a 1-D tensor, bit for bit, from its top elements instead of a full sort (30x
+    faster on the 65,536 sums a layer observes per batch)."""
+    n = flat.numel()
+    rank = torch.tensor(q, dtype=flat.dtype) * (n - 1)   # as torch.quantile computes it, in the input's dtype
+    below, above = int(rank.floor()), int(rank.ceil())
+    top = flat.topk(n - below).values                    # descending: order statistic `below` comes last
+    return torch.lerp(top[-1], top[n - 1 - above], rank - below)
 
 
 class BitConv2d(nn.Conv2d, QuantMixin):
@@ -385,7 +415,7 @@ class BitConv2d(nn.Conv2d, QuantMixin):
     @torch.no_grad()
     def observe(self, acc):
         flat = acc.detach().flatten()
-        peak = torch.quantile(flat[::max(1, flat.numel() >> 16)].float(), ACT_QUANTILE).clamp_min(1.0)
+        peak = top_quantile(flat[::max(1, flat.numel() >> 16)].float(), ACT_QUANTILE).clamp_min(1.0)
         first = bool(self.act_peak == 0)
         self.act_peak.copy_(peak if first else 0.9 * self.act_peak + 0.1 * peak)
         if first:

@@ -1,6 +1,6 @@
 """Training speed: seconds per epoch (60k clean + 60k augmented MNIST images) on this machine.
 
-    python bench/train_speed.py [--epochs N] [--threads T] [--models fc,cnn]
+    python bench/train_speed.py [--epochs N] [--threads T] [--models fc,cnn,cnn_v003]
     python bench/train_speed.py --quick      # seconds: one FC epoch on 6,000 images
 
 Reports the median over N epochs, each timed from epoch data generation to the last optimizer step
@@ -25,6 +25,9 @@ CASES = {   # key: (title, config overrides, the original's s/epoch, our target 
     'fc': ('FC 4bitsym 64/64/64 (default config)', {}, 38.9, 3.5),
     'cnn': ('CNN 64 wide, 96/64', dict(model='CNNMNIST', cnn_width=64, network_width1=96,
                                        network_width2=64, network_width3=0), 88.0, 30.0),
+    # the CH32V003 zoo CNN's layers (configs/cnn_v003.yaml); the original has no int8-activation CNN
+    'cnn_v003': ('CNN 64 wide, int8 planes, FP130 convs', dict(model='CNNMNIST', cnn_width=64, conv_activations='int8',
+                 conv_QuantType='FP130', network_width1=96, network_width2=64, network_width3=0), None, 30.0),
 }
 
 
@@ -48,7 +51,7 @@ def time_epochs(overrides, epochs, data, threads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--epochs', type=int, default=3, help='epochs timed per model (median reported)')
-    parser.add_argument('--models', default='fc,cnn', help='comma-separated: ' + ', '.join(CASES))
+    parser.add_argument('--models', default='fc,cnn,cnn_v003', help='comma-separated: ' + ', '.join(CASES))
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: as training.py picks)')
     parser.add_argument('--quick', action='store_true', help='seconds: one FC epoch on the first 6,000 images '
                                                              '(not comparable with the reference)')
@@ -71,7 +74,8 @@ def main():
             print(f"{title:40s} {med:14.2f} {runs:>24s}   (quick: 6,000 images, not comparable)")
             continue
         verdict = 'met' if med <= target else 'MISSED'
-        print(f"{title:40s} {med:14.2f} {runs:>24s} {original:9.1f} {original / med:8.1f}x {target:5.1f} {verdict}")
+        versus = f"{original:9.1f} {original / med:8.1f}x" if original else f"{'-':>9s} {'-':>9s}"
+        print(f"{title:40s} {med:14.2f} {runs:>24s} {versus} {target:5.1f} {verdict}")
 
 
 if __name__ == '__main__':

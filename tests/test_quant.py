@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from BitNetMCU import (NF4_LEVELS_INT8, QUANT_TYPES, BitConv2d, BitLinear, code_entropy_bits, clipping_scalar,
-                       fake_quantize_weight, octav_clip, octav_mse, quantize_activations)
+from BitNetMCU import (NF4_LEVELS_INT8, QUANT_TYPES, BitConv2d, BitLinear, _StraightThrough, code_entropy_bits,
+                       clipping_scalar, fake_quantize_weight, octav_clip, octav_mse, quantize_activations, requantize,
+                       top_quantile)
 
 QUANTIZED = [q.name for q in QUANT_TYPES.values() if q.levels is not None]
 
@@ -114,3 +115,42 @@ def test_code_entropy():
     assert code_entropy_bits(torch.tensor([1.0, -1.0, 1.0, -1.0])) == pytest.approx(1.0)
     assert code_entropy_bits(torch.tensor([3.0, 3.0])) == pytest.approx(0.0)
     assert code_entropy_bits(torch.arange(16.0)) == pytest.approx(4.0)
+
+
+def reference_requantize(acc, shift):
+    """The int8 activation as plain autograd (as BitNetMCU.py had it): divide, clamp, straight-through floor."""
+    with torch.no_grad():
+        q = torch.floor((acc + (2 ** shift // 2)) / 2 ** shift).clamp(0, 127)
+    return _StraightThrough.apply((acc / 2 ** shift).clamp(0, 127), q)
+
+
+@pytest.mark.parametrize('shift', [0, 1, 6])
+def test_requantize_is_plain_autograd_bit_for_bit(shift):
+    """The fused int8 activation gives the outputs and gradients of the plain one, signed zeros, NaN and the
+    range's edges included: the training it speeds up computes the same numbers."""
+    top = 127 * 2 ** shift
+    g = torch.Generator().manual_seed(shift)
+    edges = [0.0, -0.0, -1.0, 1.0, top, top + 1, top - 1, -top, 3.0 * top, 2 ** shift // 2, -(2 ** shift // 2)]
+    acc = torch.cat([torch.tensor(edges), torch.randint(-2 * top, 3 * top, (2000,), generator=g).float()])
+    upstream = torch.cat([torch.tensor([-0.0, 0.0, float('nan'), -2.5, 1e-40, -1e-40, 3.0, -0.0, float('inf'),
+                                        -7.0, 0.5]), torch.randn(2000, generator=g)])
+    results = []
+    for function in (requantize, reference_requantize):
+        x = acc.clone().requires_grad_()
+        out = function(x, shift)
+        out.backward(upstream)
+        results.append((out.detach(), x.grad))
+    (out, grad), (expected_out, expected_grad) = results
+    assert torch.equal(out, expected_out)
+    # bit for bit: torch.equal counts -0.0 equal to 0.0 and NaN unequal to itself
+    assert torch.equal(grad.view(torch.int32), expected_grad.view(torch.int32))
+    # at the edges: -0.0 passes at 0 (inside), NaN and inf are cleared at -1 and 3 x top (outside)
+    assert int(grad.view(torch.int32)[0]) == -2 ** 31 and grad[2] == 0 and grad[8] == 0 and grad[3] == -2.5 / 2 ** shift
+
+
+@pytest.mark.parametrize('n', [1, 2, 999, 1000, 1001, 65536, 70000])
+def test_top_quantile_is_torch_quantile_bit_for_bit(n):
+    g = torch.Generator().manual_seed(n)
+    for values in (torch.randn(n, generator=g) * 1000, torch.randint(-3, 40, (n,), generator=g).float()):   # ties
+        for q in (0.999, 0.5, 0.0, 1.0):
+            assert torch.equal(top_quantile(values, q), torch.quantile(values, q)), (n, q)
