@@ -434,6 +434,42 @@ class BitConv2d(nn.Conv2d, QuantMixin):
             self.update_shift()
 
 
+class _MaxPool2(torch.autograd.Function):
+    """2x2 max pooling of planes of even size: max_pool2d's outputs and gradients bit for bit for inputs without
+    NaN (the gradient goes to the first maximum of each window in row order, and -0.0 becomes 0.0 as
+    max_pool2d's zeros + gradient makes it), in under half its time on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                            torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        bits = _SAME_SIZE_INT[grad.element_size()]
+        passed = (grad + 0.0).view(bits)
+        taken = torch.zeros_like(out, dtype=torch.bool)
+        grad_x = torch.zeros_like(x)
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            first = (x[..., dy::2, dx::2] == out) & ~taken
+            taken |= first
+            grad_x.view(bits)[..., dy::2, dx::2] = passed & first.to(bits).neg_()
+        return grad_x
+
+
+class MaxPool2(nn.MaxPool2d):
+    """nn.MaxPool2d(2), through _MaxPool2 where the planes are of even size."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x):
+        return _MaxPool2.apply(x) if x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 else super().forward(x)
+
+
 class InputQuant(nn.Module):
     """The image as the MCU sees it: per-image int8 (127 / max|x|). integer: the int8 values themselves (what
     int8-activation convolutions read); else scaled back to the input's range."""
@@ -499,8 +535,8 @@ class CNNMNIST(nn.Module):
         self.layers = nn.Sequential(
             InputQuant(integer=int8),
             BitConv2d(1, c, **conv), *relu,
-            BitConv2d(c, c, groups=c, **conv), *relu, nn.MaxPool2d(2),
-            BitConv2d(c, c, groups=c, **conv), *relu, nn.MaxPool2d(2),
+            BitConv2d(c, c, groups=c, **conv), *relu, MaxPool2(),
+            BitConv2d(c, c, groups=c, **conv), *relu, MaxPool2(),
             nn.Flatten(),
             *_linear_stack(widths, cfg, cfg['fc1_QuantType'] or '2bitsym', int8_input=int8))
 

@@ -7,7 +7,7 @@ import torch
 
 import training
 from conftest import ROOT
-from BitNetMCU import QUANT_TYPES, build_model, quant_layers
+from BitNetMCU import QUANT_TYPES, MaxPool2, build_model, quant_layers
 from config import ConfigError, load_config, run_name
 
 
@@ -31,6 +31,23 @@ def test_every_model_and_type_runs_forward_and_backward(model, qtype):
         assert kinds == [qtype] * 4
     else:
         assert kinds == ['8bit'] * 3 + ['2bitsym'] + [qtype] * 3
+
+
+@pytest.mark.parametrize('size', [12, 4, 7])
+def test_max_pool2_is_max_pool2d_bit_for_bit(size):
+    """The CNN's pooling: max_pool2d's outputs and gradients, ties (integer planes are full of them), signed
+    zeros and NaN gradients included; an odd size takes max_pool2d itself."""
+    g = torch.Generator().manual_seed(size)
+    x = torch.randint(0, 4, (8, 5, size, size), generator=g).float()
+    upstream = torch.randn(8, 5, size // 2, size // 2, generator=g)
+    upstream[0, 0, 0, :2] = torch.tensor([-0.0, float('nan')])
+    results = []
+    for pool in (MaxPool2(), torch.nn.MaxPool2d(2)):
+        leaf = x.clone().requires_grad_()
+        out = pool(leaf)
+        out.backward(upstream)
+        results.append((out.detach(), leaf.grad.view(torch.int32)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize('norm', ['RMS', 'Lin', 'BatchNorm', 'LayerNorm'])
