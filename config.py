@@ -47,7 +47,8 @@ def _file_name_part(v):
 _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
 CONFIG_SCHEMA = {
-    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected) or CNNMNIST (depthwise CNN)'),
+    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected), CNNMNIST (depthwise CNN) '
+                                                       'or DenseCNN (a float teacher, not exportable)'),
     'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
     'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
@@ -88,7 +89,7 @@ CONFIG_SCHEMA = {
     'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
     'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
-    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels'),
+    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels (DenseCNN: of its first two convolutions)'),
     'network_width1': (int, 64, _at_least(1), 'first hidden width'),
     'network_width2': (int, 64, _at_least(1), 'second hidden width'),
     'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
@@ -197,6 +198,9 @@ def load_config(path=None, overrides=None):
 
 def export_problems(cfg):
     """What exportquant.py would refuse in a model of this config, one message per key."""
+    if cfg['model'] == 'DenseCNN':
+        return ["model 'DenseCNN' is a float teacher for distillation, which the MCU engine cannot run "
+                "(exportable: FCMNIST, CNNMNIST)"]
     problems = []
     types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if cfg['model'] == 'CNNMNIST' else [])
     for key in types:
@@ -223,6 +227,8 @@ def ignored_keys(cfg):
     """Keys set away from their default that the chosen model does not use."""
     if cfg['model'] == 'CNNMNIST':
         return []
+    if cfg['model'] == 'DenseCNN':
+        return [key for key in CNN_ONLY_KEYS[1:] if cfg[key] != CONFIG_SCHEMA[key][1]]
     return [key for key in CNN_ONLY_KEYS if cfg[key] != CONFIG_SCHEMA[key][1]]
 
 
@@ -246,12 +252,14 @@ def config_hash(cfg):
 
 def run_name(cfg):
     """Readable summary of the main settings plus a hash of all of them: different config, different name."""
+    quant = f"{cfg['QuantType']}_{cfg['NormType']}_{cfg['maxw_algo']}_"
     if cfg['model'] == 'CNNMNIST':
         arch = f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg)))
+    elif cfg['model'] == 'DenseCNN':
+        arch, quant = f"Dense{cfg['cnn_width']}_{cfg['network_width1']}", ''   # float: no types, no clipping
     else:
         arch = 'FC' + 'x'.join(map(str, hidden_widths(cfg)))
-    return (f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{cfg['QuantType']}_{cfg['NormType']}_"
-            f"{cfg['maxw_algo']}_ep{cfg['num_epochs']}_{config_hash(cfg)}")
+    return f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{quant}ep{cfg['num_epochs']}_{config_hash(cfg)}"
 
 
 def describe_config():

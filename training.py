@@ -270,7 +270,7 @@ def format_epoch(m, num_epochs, layer_names):
             + (f"val {100 * m['val_acc']:6.2f}%  " if 'val_acc' in m else '') +
             f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
             + (f"(live {100 * m['test_acc_live']:6.2f}%)  " if 'test_acc_live' in m else '') +
-            f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s  | s: {s} | bits: {h}")
+            f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s" + (f"  | s: {s} | bits: {h}" if layer_names else ''))
 
 
 def _tensorboard(log_dir, purge_step):
@@ -448,7 +448,8 @@ def train_epochs(run, data, validation, log, on_epoch_end):
     """The epochs still to do, each kept as it ends; then the model file."""
     cfg = run.cfg
     params = sum(p.numel() for p in run.model.parameters())
-    log(f"Run {run.name}: {cfg['model']} {cfg['QuantType']}, {params} weights, "
+    kind = 'float' if cfg['model'] == 'DenseCNN' else cfg['QuantType']
+    log(f"Run {run.name}: {cfg['model']} {kind}, {params} weights, "
         f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
         f"{f', {len(validation[1])} validation images' if validation else ''}, "
         f"device {run.device}, {torch.get_num_threads()} threads")

@@ -8,7 +8,9 @@ import torch
 import training
 from conftest import ROOT
 from BitNetMCU import QUANT_TYPES, MaxPool2, build_model, quant_layers
+from checkpoint import load_checkpoint
 from config import ConfigError, load_config, run_name
+from intmodel import ExportError, to_int_model
 
 
 def config(**overrides):
@@ -189,6 +191,19 @@ def test_weight_average_follows_the_live_weights():
     average.update(net)   # first step: short memory, decay min(0.5, 2/11)
     for avg, live in zip(average.model.parameters(), net.parameters()):
         assert torch.allclose(avg, live - 2 / 11)
+
+
+def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
+    with pytest.raises(ConfigError, match="'DenseCNN' is a float teacher.*exportable"):
+        config(model='DenseCNN')
+    dense = config(model='DenseCNN', cnn_width=4, network_width1=16, num_epochs=1, exportable=False, runtag='dense')
+    assert quant_layers(build_model(dense, 10)) == []   # all float: nothing to quantize or export
+    path = training.train(dense, data=small_mnist, log=lambda *a: None)
+    with pytest.raises(ExportError, match='Conv2d has no integer kernel'):
+        to_int_model(load_checkpoint(path)[0])
+    student = torch.load(training.train(config(model='CNNMNIST', cnn_width=4, num_epochs=1, teacher=str(path)),
+                                        data=small_mnist, log=lambda *a: None), weights_only=False)
+    assert student['metrics']['test_acc'] > 0.5
 
 
 def test_missing_or_unreadable_teacher_is_a_config_error(small_mnist, run_dirs):
