@@ -267,7 +267,8 @@ def format_epoch(m, num_epochs, layer_names):
     h = ' '.join(f"{m['entropy/' + n]:.2f}" for n in layer_names)
     return (f"epoch {m['epoch']:3d}/{num_epochs}  lr {m['lr']:.2e}  "
             f"train {m['train_loss']:.4f} {100 * m['train_acc']:6.2f}%  "
-            + (f"val {100 * m['val_acc']:6.2f}%  " if 'val_acc' in m else '') +
+            + (f"val {100 * m['val_acc']:6.2f}%  " if 'val_acc' in m else '')
+            + (f"(live {100 * m['val_acc_live']:6.2f}%)  " if 'val_acc_live' in m else '') +
             f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
             + (f"(live {100 * m['test_acc_live']:6.2f}%)  " if 'test_acc_live' in m else '') +
             f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s" + (f"  | s: {s} | bits: {h}" if layer_names else ''))
@@ -383,8 +384,10 @@ def run_epoch(run, data, epoch, validation=None):
                'test_loss': test_loss, 'test_acc': test_acc, 'act_positive': positive, 'time_s': time.time() - t0}
     if validation is not None:
         metrics['val_loss'], metrics['val_acc'], _ = evaluate(run.final_model, *validation, run.device)
-    if run.average is not None:
+    if run.average is not None:   # the live model beside the average, to see which is ahead
         metrics['test_acc_live'] = evaluate(run.model, test_x, test_y, run.device)[1]
+        if validation is not None:
+            metrics['val_acc_live'] = evaluate(run.model, *validation, run.device)[1]
     for layer, (s, bits) in layer_stats(run.final_model).items():
         metrics[f's/{layer}'], metrics[f'entropy/{layer}'] = s, bits
     return metrics

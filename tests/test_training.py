@@ -281,6 +281,24 @@ def test_training_logs_validation_accuracy(small_mnist, run_dirs):
     assert 'val_loss,val_acc' in header
 
 
+def test_training_logs_the_live_models_validation_accuracy_beside_the_average(small_mnist, run_dirs):
+    cfg = config(num_epochs=2, validation_images=400, ema_decay=0.9)
+    kept = []
+
+    def stop(metrics):
+        kept.append(metrics)
+        raise KeyboardInterrupt   # keeps the checkpoint, which holds the live model
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, data=small_mnist, log=lambda *a: None, on_epoch_end=stop)
+    state = torch.load(run_dirs / 'runs' / run_name(cfg) / 'checkpoint.pt', weights_only=False)
+    val = training.split_validation(small_mnist, 400)[1]
+    for weights, key in ((state['model'], 'val_acc_live'), (state['average']['model'], 'val_acc')):
+        model = build_model(cfg, 10)
+        model.load_state_dict(weights)
+        assert training.evaluate(model, *val, 'cpu')[1] == kept[0][key]
+    assert 'val_acc_live' in (run_dirs / 'runs' / run_name(cfg) / 'metrics.csv').read_text().splitlines()[0]
+
+
 def test_keep_best_saves_the_best_validation_epoch(small_mnist, run_dirs):
     cfg = config(num_epochs=3, validation_images=400, keep_best=True, augmentation=False, learning_rate=0.01)
     saved = torch.load(training.train(cfg, data=small_mnist, log=lambda *a: None), weights_only=False)
