@@ -47,8 +47,8 @@ def _file_name_part(v):
 _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
 CONFIG_SCHEMA = {
-    'model': (str, 'FCMNIST', _choice(*MODELS), 'FCMNIST (fully connected), CNNMNIST (depthwise CNN) '
-                                                       'or DenseCNN (a float teacher, not exportable)'),
+    'model': (str, 'FCMNIST', _choice(*MODELS),
+              'FCMNIST (fully connected), CNNMNIST (depthwise CNN) or DenseCNN (a float teacher, not exportable)'),
     'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
     'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
@@ -99,7 +99,8 @@ CONFIG_SCHEMA = {
     'exportable': (bool, True, None, 'refuse settings the MCU engine cannot run (false: float, BatchNorm, '
                                      '... models, for comparison only)'),
 }
-CNN_ONLY_KEYS = ('cnn_width', 'conv_QuantType', 'conv_activations')
+CONV_TYPE_KEYS = ('conv_QuantType', 'conv_activations')   # DenseCNN uses cnn_width, not these
+CNN_ONLY_KEYS = ('cnn_width',) + CONV_TYPE_KEYS
 DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
 
 
@@ -227,9 +228,8 @@ def ignored_keys(cfg):
     """Keys set away from their default that the chosen model does not use."""
     if cfg['model'] == 'CNNMNIST':
         return []
-    if cfg['model'] == 'DenseCNN':
-        return [key for key in CNN_ONLY_KEYS[1:] if cfg[key] != CONFIG_SCHEMA[key][1]]
-    return [key for key in CNN_ONLY_KEYS if cfg[key] != CONFIG_SCHEMA[key][1]]
+    keys = CONV_TYPE_KEYS if cfg['model'] == 'DenseCNN' else CNN_ONLY_KEYS
+    return [key for key in keys if cfg[key] != CONFIG_SCHEMA[key][1]]
 
 
 def validate_config(raw):

@@ -271,7 +271,8 @@ def format_epoch(m, num_epochs, layer_names):
             + (f"(live {100 * m['val_acc_live']:6.2f}%)  " if 'val_acc_live' in m else '') +
             f"test {m['test_loss']:.4f} {100 * m['test_acc']:6.2f}%  "
             + (f"(live {100 * m['test_acc_live']:6.2f}%)  " if 'test_acc_live' in m else '') +
-            f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s" + (f"  | s: {s} | bits: {h}" if layer_names else ''))
+            f"act>0 {100 * m['act_positive']:4.1f}%  {m['time_s']:5.1f}s"
+            + (f"  | s: {s} | bits: {h}" if layer_names else ''))   # a float model has no clipping or codes
 
 
 def _tensorboard(log_dir, purge_step):

@@ -9,7 +9,7 @@ import training
 from conftest import ROOT
 from BitNetMCU import QUANT_TYPES, MaxPool2, build_model, quant_layers
 from checkpoint import load_checkpoint
-from config import ConfigError, load_config, run_name
+from config import ConfigError, ignored_keys, load_config, run_name
 from intmodel import ExportError, to_int_model
 
 
@@ -198,6 +198,8 @@ def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
         config(model='DenseCNN')
     dense = config(model='DenseCNN', cnn_width=4, network_width1=16, num_epochs=1, exportable=False, runtag='dense')
     assert quant_layers(build_model(dense, 10)) == []   # all float: nothing to quantize or export
+    assert run_name(dense).startswith('dense_MNIST_Dense4_16_ep1_')
+    assert ignored_keys({**dense, 'conv_QuantType': 'FP130'}) == ['conv_QuantType']   # cnn_width is its own
     path = training.train(dense, data=small_mnist, log=lambda *a: None)
     with pytest.raises(ExportError, match='Conv2d has no integer kernel'):
         to_int_model(load_checkpoint(path)[0])
