@@ -200,6 +200,7 @@ def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
     assert quant_layers(build_model(dense, 10)) == []   # all float: nothing to quantize or export
     assert run_name(dense).startswith('dense_MNIST_Dense4_16_ep1_')
     assert ignored_keys({**dense, 'conv_QuantType': 'FP130'}) == ['conv_QuantType']   # cnn_width is its own
+    assert load_config(ROOT / 'configs' / 'teachers' / 'dense.yaml')['model'] == 'DenseCNN'   # the shipped teacher
     path = training.train(dense, data=small_mnist, log=lambda *a: None)
     with pytest.raises(ExportError, match='Conv2d has no integer kernel'):
         to_int_model(load_checkpoint(path)[0])
