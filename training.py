@@ -452,7 +452,7 @@ def train_epochs(run, data, validation, log, on_epoch_end):
     """The epochs still to do, each kept as it ends; then the model file."""
     cfg = run.cfg
     params = sum(p.numel() for p in run.model.parameters())
-    kind = 'float' if cfg['model'] == 'DenseCNN' else cfg['QuantType']
+    kind = cfg['QuantType'] if quant_layers(run.model) else 'float'   # a teacher (DenseCNN) quantizes nothing
     log(f"Run {run.name}: {cfg['model']} {kind}, {params} weights, "
         f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
         f"{f', {len(validation[1])} validation images' if validation else ''}, "
