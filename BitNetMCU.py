@@ -510,8 +510,22 @@ def hidden_widths(cfg):
     return widths + ([cfg['network_width3']] if cfg['network_width3'] > 0 else [])
 
 
+# Each model says what config.py needs to know of it: which CNN keys it reads (CNN_KEYS; the others it ignores),
+# why the MCU engine cannot run it (None: it can), and the architecture part of its run name.
+CNN_KEYS = ('cnn_width', 'conv_QuantType', 'conv_activations')
+
+
+def _quant_name(cfg):
+    return f"{cfg['QuantType']}_{cfg['NormType']}_{cfg['maxw_algo']}_"
+
+
 class FCMNIST(nn.Module):
     """256 -> width1 -> width2 -> [width3] -> classes, ReLU between, fully connected."""
+    cnn_keys, not_exportable = (), None
+
+    @staticmethod
+    def run_label(cfg):
+        return 'FC' + 'x'.join(map(str, hidden_widths(cfg))) + '_' + _quant_name(cfg)
 
     def __init__(self, cfg, num_classes):
         super().__init__()
@@ -525,6 +539,11 @@ class FCMNIST(nn.Module):
 class CNNMNIST(nn.Module):
     """Sequential depthwise CNN: 16x16 -> conv 14x14 -> dw 12x12 -> pool 6x6 -> dw 4x4 -> pool 2x2 -> FC.
     conv_activations 'int8': every convolution ends in its own ReLU and 7-bit requantization (BitConv2d)."""
+    cnn_keys, not_exportable = CNN_KEYS, None
+
+    @staticmethod
+    def run_label(cfg):
+        return f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg))) + '_' + _quant_name(cfg)
 
     def __init__(self, cfg, num_classes):
         super().__init__()
@@ -550,6 +569,11 @@ class DenseCNN(nn.Module):
     """A float CNN to distill from, not to export: full (not depthwise) convolutions with padding, so it sees far
     more of each digit than the MCU models can, and trains on a CPU in minutes. 16x16 -> 2x conv (cnn_width) ->
     pool 8x8 -> 2x conv (2 cnn_width) -> pool 4x4 -> linear network_width1 -> dropout 0.3 -> classes."""
+    cnn_keys, not_exportable = ('cnn_width',), 'is a float teacher for distillation'
+
+    @staticmethod
+    def run_label(cfg):
+        return f"Dense{cfg['cnn_width']}_{cfg['network_width1']}_"   # float: no types, no clipping
 
     def __init__(self, cfg, num_classes):
         super().__init__()

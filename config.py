@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from BitNetMCU import CONV_TYPES, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES, hidden_widths
+from BitNetMCU import CNN_KEYS, CONV_TYPES, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
 from dataset import DATASETS
 from fileio import PROJECT_DIR
 
@@ -99,8 +99,6 @@ CONFIG_SCHEMA = {
     'exportable': (bool, True, None, 'refuse settings the MCU engine cannot run (false: float, BatchNorm, '
                                      '... models, for comparison only)'),
 }
-CONV_TYPE_KEYS = ('conv_QuantType', 'conv_activations')   # DenseCNN uses cnn_width, not these
-CNN_ONLY_KEYS = ('cnn_width',) + CONV_TYPE_KEYS
 DEFAULT_PARAMS = PROJECT_DIR / 'trainingparameters.yaml'
 
 
@@ -199,11 +197,12 @@ def load_config(path=None, overrides=None):
 
 def export_problems(cfg):
     """What exportquant.py would refuse in a model of this config, one message per key."""
-    if cfg['model'] == 'DenseCNN':
-        return ["model 'DenseCNN' is a float teacher for distillation, which the MCU engine cannot run "
-                "(exportable: FCMNIST, CNNMNIST)"]
+    model = MODELS[cfg['model']]
+    if model.not_exportable:
+        return [f"model {cfg['model']!r} {model.not_exportable}, which the MCU engine cannot run (exportable: "
+                f"{', '.join(name for name, m in MODELS.items() if not m.not_exportable)})"]
     problems = []
-    types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if cfg['model'] == 'CNNMNIST' else [])
+    types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if 'conv_QuantType' in model.cnn_keys else [])
     for key in types:
         value = cfg[key]
         if value is None:
@@ -226,10 +225,8 @@ def export_problems(cfg):
 
 def ignored_keys(cfg):
     """Keys set away from their default that the chosen model does not use."""
-    if cfg['model'] == 'CNNMNIST':
-        return []
-    keys = CONV_TYPE_KEYS if cfg['model'] == 'DenseCNN' else CNN_ONLY_KEYS
-    return [key for key in keys if cfg[key] != CONFIG_SCHEMA[key][1]]
+    reads = MODELS[cfg['model']].cnn_keys
+    return [key for key in CNN_KEYS if key not in reads and cfg[key] != CONFIG_SCHEMA[key][1]]
 
 
 def validate_config(raw):
@@ -252,14 +249,8 @@ def config_hash(cfg):
 
 def run_name(cfg):
     """Readable summary of the main settings plus a hash of all of them: different config, different name."""
-    quant = f"{cfg['QuantType']}_{cfg['NormType']}_{cfg['maxw_algo']}_"
-    if cfg['model'] == 'CNNMNIST':
-        arch = f"CNN{cfg['cnn_width']}_" + 'x'.join(map(str, hidden_widths(cfg)))
-    elif cfg['model'] == 'DenseCNN':
-        arch, quant = f"Dense{cfg['cnn_width']}_{cfg['network_width1']}", ''   # float: no types, no clipping
-    else:
-        arch = 'FC' + 'x'.join(map(str, hidden_widths(cfg)))
-    return f"{cfg['runtag']}_{cfg['dataset']}_{arch}_{quant}ep{cfg['num_epochs']}_{config_hash(cfg)}"
+    label = MODELS[cfg['model']].run_label(cfg)
+    return f"{cfg['runtag']}_{cfg['dataset']}_{label}ep{cfg['num_epochs']}_{config_hash(cfg)}"
 
 
 def describe_config():

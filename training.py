@@ -246,10 +246,16 @@ def evaluate(model, x, y, device, batch_size=2000):
     return loss / len(y), correct / len(y), positive[0] / max(total[0], 1)
 
 
+def coded_layers(model):
+    """The names of the layers whose weights have codes: a float ('None') layer has no clipping or codes to log."""
+    return [name for name, layer in quant_layers(model) if layer.qtype.levels is not None]
+
+
 def layer_stats(model):
-    """Per quantized layer: clipping scalar (mean over rows for PerOutput) and entropy of the weight codes."""
-    return {name: (float(layer.s.mean()), code_entropy_bits(layer.weight_levels()))
-            for name, layer in quant_layers(model)}
+    """Per coded layer: clipping scalar (mean over rows for PerOutput) and entropy of the weight codes."""
+    layers = dict(quant_layers(model))
+    return {name: (float(layers[name].s.mean()), code_entropy_bits(layers[name].weight_levels()))
+            for name in coded_layers(model)}
 
 
 def write_metrics_csv(history, path):
@@ -414,7 +420,7 @@ def record_epoch(run, metrics, writer, log):
             if key != 'epoch':
                 writer.add_scalar(key, value, metrics['epoch'])
         writer.flush()
-    log(format_epoch(metrics, run.cfg['num_epochs'], [n for n, _ in quant_layers(run.model)]))
+    log(format_epoch(metrics, run.cfg['num_epochs'], coded_layers(run.model)))
 
 
 def save_model(run, num_classes, log):
@@ -452,7 +458,7 @@ def train_epochs(run, data, validation, log, on_epoch_end):
     """The epochs still to do, each kept as it ends; then the model file."""
     cfg = run.cfg
     params = sum(p.numel() for p in run.model.parameters())
-    kind = cfg['QuantType'] if quant_layers(run.model) else 'float'   # a teacher (DenseCNN) quantizes nothing
+    kind = cfg['QuantType'] if coded_layers(run.model) else 'float'   # a teacher, or every type 'None'
     log(f"Run {run.name}: {cfg['model']} {kind}, {params} weights, "
         f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
         f"{f', {len(validation[1])} validation images' if validation else ''}, "

@@ -209,6 +209,22 @@ def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
     assert student['metrics']['test_acc'] > 0.5
 
 
+def test_a_float_run_logs_no_clipping_or_codes(small_mnist, run_dirs):
+    lines = []
+    cfg = config(model='CNNMNIST', cnn_width=4, num_epochs=1, QuantType='None', fc1_QuantType='None',
+                 conv_QuantType='None', exportable=False)
+    path = training.train(cfg, data=small_mnist, log=lines.append)
+    run_line, = [line for line in lines if line.startswith('Run ')]
+    epoch_line, = [line for line in lines if line.startswith('epoch ')]
+    assert 'CNNMNIST float' in run_line and '| s:' not in epoch_line and 'bits' not in epoch_line
+    assert not [key for key in torch.load(path, weights_only=False)['metrics'] if key.startswith(('s/', 'entropy/'))]
+    lines.clear()
+    training.train(config(model='CNNMNIST', cnn_width=4, num_epochs=1, fc1_QuantType='None', exportable=False),
+                   data=small_mnist, log=lines.append)   # one float layer among coded ones: the others are shown
+    epoch_line, = [line for line in lines if line.startswith('epoch ')]
+    assert epoch_line.split('| s: ')[1].split(' |')[0].count(' ') == 4   # 3 convolutions and 2 of 3 linear layers
+
+
 def test_missing_or_unreadable_teacher_is_a_config_error(small_mnist, run_dirs):
     with pytest.raises(ConfigError, match="'teacher'.*nope.pth.*does not exist"):
         training.train(config(teacher='nope.pth'), data=small_mnist, log=lambda *a: None)
