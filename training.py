@@ -247,15 +247,14 @@ def evaluate(model, x, y, device, batch_size=2000):
 
 
 def coded_layers(model):
-    """The names of the layers whose weights have codes: a float ('None') layer has no clipping or codes to log."""
-    return [name for name, layer in quant_layers(model) if layer.qtype.levels is not None]
+    """The quantized layers whose weights have codes: a float ('None') layer has no clipping or codes to log."""
+    return [(name, layer) for name, layer in quant_layers(model) if layer.qtype.levels is not None]
 
 
 def layer_stats(model):
     """Per coded layer: clipping scalar (mean over rows for PerOutput) and entropy of the weight codes."""
-    layers = dict(quant_layers(model))
-    return {name: (float(layers[name].s.mean()), code_entropy_bits(layers[name].weight_levels()))
-            for name in coded_layers(model)}
+    return {name: (float(layer.s.mean()), code_entropy_bits(layer.weight_levels()))
+            for name, layer in coded_layers(model)}
 
 
 def write_metrics_csv(history, path):
@@ -420,7 +419,7 @@ def record_epoch(run, metrics, writer, log):
             if key != 'epoch':
                 writer.add_scalar(key, value, metrics['epoch'])
         writer.flush()
-    log(format_epoch(metrics, run.cfg['num_epochs'], coded_layers(run.model)))
+    log(format_epoch(metrics, run.cfg['num_epochs'], [name for name, _ in coded_layers(run.model)]))
 
 
 def save_model(run, num_classes, log):
