@@ -438,7 +438,8 @@ def save_model(run, num_classes, log):
                  'state_dict': state, 'metrics': metrics, 'history': run.history}, run.model_path)
     run.checkpoint_path.unlink()
     shown = run.model_path.relative_to(PROJECT_DIR) if run.model_path.is_relative_to(PROJECT_DIR) else run.model_path
-    log(f"Saved {shown}: test accuracy {100 * metrics['test_acc']:.2f}% (float QAT model), "
+    kind = 'float QAT model' if coded_layers(run.final_model) else 'float model'   # the integer one: exportquant
+    log(f"Saved {shown}: test accuracy {100 * metrics['test_acc']:.2f}% ({kind}), "
         f"{sum(m['time_s'] for m in run.history):.0f}s training")
     return run.model_path
 

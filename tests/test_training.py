@@ -217,6 +217,7 @@ def test_a_float_run_logs_no_clipping_or_codes(small_mnist, run_dirs):
     run_line, = [line for line in lines if line.startswith('Run ')]
     epoch_line, = [line for line in lines if line.startswith('epoch ')]
     assert 'CNNMNIST float' in run_line and '| s:' not in epoch_line and 'bits' not in epoch_line
+    assert [line for line in lines if line.startswith('Saved ')][0].count('(float model)') == 1
     assert not [key for key in torch.load(path, weights_only=False)['metrics'] if key.startswith(('s/', 'entropy/'))]
     lines.clear()
     training.train(config(model='CNNMNIST', cnn_width=4, num_epochs=1, fc1_QuantType='None', exportable=False),
