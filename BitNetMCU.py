@@ -606,5 +606,8 @@ def describe_quant_types():
 
 
 if __name__ == '__main__':
+    import argparse
+    argparse.ArgumentParser(description='List the quantization types (python BitNetMCU.py). The module itself is '
+                                        'imported by training.py, exportquant.py and the others.').parse_args()
     print('Quantization types:\n' + describe_quant_types())
     print(f"NF4 int8 levels: {NF4_LEVELS_INT8}")

@@ -11,6 +11,7 @@ CH32FUN=<clone>/ch32fun) and checked on the emulated chip. Plots: accuracy again
 (docs/accuracy_vs_size.png), against instructions per inference on each model's target chip
 (docs/accuracy_vs_instructions.png), and the training curves of each zoo model (docs/training_curves.png).
 """
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -196,7 +197,8 @@ def markdown(rows):
     return '\n'.join(lines)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     data = load_dataset('MNIST', log=lambda *a: None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -96,3 +96,14 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
 def test_cli_help():
     out = subprocess.run([sys.executable, str(ROOT / 'training.py'), '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and '--resume' in out.stdout and '--set' in out.stdout
+
+
+def test_every_script_answers_help_without_doing_its_work():
+    scripts = [path for pattern in ('*.py', 'bench/*.py', 'docs/*.py', 'mcu/*.py') for path in sorted(ROOT.glob(pattern))
+               if "if __name__ == '__main__':" in path.read_text()]
+    assert len(scripts) >= 10 and ROOT / 'docs' / 'make_results.py' in scripts
+    runs = {path: subprocess.Popen([sys.executable, str(path), '--help'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, cwd=ROOT) for path in scripts}   # all at once: each imports torch
+    for path, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0 and out.startswith('usage:'), f"{path.relative_to(ROOT)} --help: {err[-500:]}"
