@@ -75,6 +75,9 @@ CONFIG_SCHEMA = {
     'label_smoothing': (_NUM, 0.0, _between(0, 0.5), 'cross-entropy label smoothing (0: off)'),
     'ema_decay': (_NUM, 0.0, lambda v: None if 0 <= v < 1 else 'must be in [0, 1)',
                   'per-step moving average of the weights, evaluated and saved instead of them (0: off)'),
+    'ema_clipping': (str, 'own', _choice('own', 'live'),
+                     "the average's clipping scalars: own (re-estimated from the averaged weights) or live (the "
+                     "live model's, the grid its weights were trained on)"),
     'oscillation_dampening': (_NUM, 0.0, _at_least(0),
                               'pull of the latent weights to their levels, times (1 - lr / learning_rate) (0: off)'),
     'init_from': (str, '', None, 'checkpoint (same shapes, e.g. a float run) to start from, path relative to the project'),

@@ -165,12 +165,14 @@ def loss_fn(out, y, cfg, teacher_out=None):
 
 
 class WeightAverage:
-    """Exponential moving average of a model's parameters, updated after every optimizer step.
-    Its clipping scalars are its own, re-estimated from the averaged weights like the live model's."""
+    """Exponential moving average of a model's parameters, updated after every optimizer step. Its clipping
+    scalars are its own, re-estimated from the averaged weights like the live model's (own_clipping), or the
+    live model's: the latent weights it averages were trained on that grid, and a scalar a fraction of a
+    percent away moves weights across the level boundaries."""
 
-    def __init__(self, model, decay):
+    def __init__(self, model, decay, own_clipping=True):
         self.model = copy.deepcopy(model)
-        self.decay, self.steps = decay, 0
+        self.decay, self.steps, self.own_clipping = decay, 0, own_clipping
 
     @torch.no_grad()
     def update(self, model):
@@ -179,7 +181,7 @@ class WeightAverage:
         for avg, live in zip(self.model.parameters(), model.parameters()):
             avg.lerp_(live, 1 - decay)
         for (name, avg), live in zip(self.model.named_buffers(), model.buffers()):
-            if not name.endswith('.s'):   # e.g. BatchNorm statistics follow the live model
+            if not (self.own_clipping and name.endswith('.s')):   # e.g. BatchNorm statistics follow the live model
                 avg.copy_(live)
 
     def state_dict(self):
@@ -328,7 +330,7 @@ def start_run(cfg, resume, restart, num_classes, log, runs_dir=None, model_dir=N
     model = build_model(cfg, num_classes)
     init_weights(model, cfg)
     model = model.to(device)
-    average = WeightAverage(model, cfg['ema_decay']) if cfg['ema_decay'] > 0 else None
+    average = WeightAverage(model, cfg['ema_decay'], cfg['ema_clipping'] == 'own') if cfg['ema_decay'] > 0 else None
     run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
               load_teacher(cfg, device), average, (runs_dir or RUNS_DIR) / name, (model_dir or MODEL_DIR) / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
@@ -374,7 +376,8 @@ def run_epoch(run, data, epoch, validation=None):
     the epoch's metrics."""
     cfg, t0 = run.cfg, time.time()
     if epoch < cfg['maxw_update_until_epoch']:
-        for _, layer in quant_layers(run.model) + (quant_layers(run.average.model) if run.average else []):
+        own = run.average is not None and run.average.own_clipping
+        for _, layer in quant_layers(run.model) + (quant_layers(run.average.model) if own else []):
             layer.update_clipping()
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:

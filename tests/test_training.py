@@ -1,4 +1,5 @@
 """Training: models build for every type, a short real run learns, resume is exact, output is complete."""
+import copy
 import math
 import sys
 
@@ -191,6 +192,23 @@ def test_weight_average_follows_the_live_weights():
     average.update(net)   # first step: short memory, decay min(0.5, 2/11)
     for avg, live in zip(average.model.parameters(), net.parameters()):
         assert torch.allclose(avg, live - 2 / 11)
+
+
+@pytest.mark.parametrize('clipping', ['own', 'live'])
+def test_weight_average_clipping_is_its_own_or_the_live_models(small_mnist, run_dirs, clipping):
+    run = training.start_run(config(num_epochs=2, ema_decay=0.9, ema_clipping=clipping), False, False, 10,
+                             lambda *a: None)
+    training.run_epoch(run, small_mnist, 0)
+    before = copy.deepcopy(run.average.model)   # the averaged weights as the last epoch starts
+    training.run_epoch(run, small_mnist, 1)
+    pairs = list(zip(quant_layers(run.average.model), quant_layers(run.model), quant_layers(before)))
+    if clipping == 'live':
+        assert all(torch.equal(avg.s, live.s) for (_, avg), (_, live), _ in pairs)
+    else:   # re-estimated from its own weights as the epoch started, so not the live model's
+        for (_, avg), _, (_, own) in pairs:
+            own.update_clipping()
+            assert torch.equal(avg.s, own.s)
+        assert not all(torch.equal(avg.s, live.s) for (_, avg), (_, live), _ in pairs)
 
 
 def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
