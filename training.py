@@ -167,8 +167,8 @@ def loss_fn(out, y, cfg, teacher_out=None):
 class WeightAverage:
     """Exponential moving average of a model's parameters, updated after every optimizer step. Its clipping
     scalars are its own, re-estimated from the averaged weights like the live model's (own_clipping), or the
-    live model's: the latent weights it averages were trained on that grid, and a scalar a fraction of a
-    percent away moves weights across the level boundaries."""
+    live model's, the grid the averaged weights were trained on (docs/guide.md, qf32l: the live ones cost
+    accuracy while they are re-estimated every epoch, and gain none after)."""
 
     def __init__(self, model, decay, own_clipping=True):
         self.model = copy.deepcopy(model)
