@@ -184,6 +184,13 @@ class WeightAverage:
             if not (self.own_clipping and name.endswith('.s')):   # e.g. BatchNorm statistics follow the live model
                 avg.copy_(live)
 
+    def update_clipping(self):
+        """Re-estimate its own clipping scalars from the averaged weights (as the live model's are); live ones
+        arrive with every update."""
+        if self.own_clipping:
+            for _, layer in quant_layers(self.model):
+                layer.update_clipping()
+
     def state_dict(self):
         return {'model': self.model.state_dict(), 'steps': self.steps}
 
@@ -376,9 +383,10 @@ def run_epoch(run, data, epoch, validation=None):
     the epoch's metrics."""
     cfg, t0 = run.cfg, time.time()
     if epoch < cfg['maxw_update_until_epoch']:
-        own = run.average is not None and run.average.own_clipping
-        for _, layer in quant_layers(run.model) + (quant_layers(run.average.model) if own else []):
+        for _, layer in quant_layers(run.model):
             layer.update_clipping()
+        if run.average is not None:
+            run.average.update_clipping()
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
         group['lr'] = lr
