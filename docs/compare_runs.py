@@ -66,7 +66,7 @@ def plot(histories, path):
     for name, history in histories.items():
         ax.plot([m['epoch'] for m in history], [100 * m['val_acc'] for m in history], label=name, linewidth=1)
     ax.set_xlabel('epoch')
-    ax.set_ylabel('validation accuracy, float QAT model (%)')
+    ax.set_ylabel('validation accuracy, PyTorch model (%)')
     low = min(100 * m['val_acc'] for h in histories.values() for m in h[len(h) // 5:])
     ax.set_ylim(low - 0.05, None)
     ax.grid(alpha=0.3)
