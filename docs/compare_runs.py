@@ -1,14 +1,18 @@
 """Compare training runs on their validation accuracy: a table ranked by validation, and the curves.
 
     python docs/compare_runs.py runs/<run A> runs/<run B> ... [--plot docs/<name>.png] [--last 10]
+    python docs/compare_runs.py docs/float_ceiling_runs/* --group 'p(int8|int32)s'   # seeds of a variant together
 
 Each run is a folder written by training.py (runs/<name>/metrics.csv) of a config with
 `validation_images` > 0. The ranking uses validation accuracy alone: the epoch keep_best keeps (the best
 validation epoch, the earliest of equals) and the mean over the last `--last` epochs. The test accuracy of
-that kept epoch is printed beside it to report, never to choose.
+that kept epoch is printed beside it to report, never to choose. `--group REGEX` adds a table of variants: the
+runs whose names REGEX matches, grouped by its first group (or the whole match), with the mean and range of
+their kept epochs' validation accuracy.
 """
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +61,33 @@ def table(rows, last):
     return '\n'.join(lines)
 
 
+def group_table(rows, pattern, last):
+    """Runs grouped by what `pattern` matches in their names (its first group, or the whole match): per group
+    the number of runs, the mean and range of their kept epochs' validation accuracy, the mean of their last
+    `last` epochs, and the range of test accuracy at the kept epochs. Ranked by the mean kept validation."""
+    groups = {}
+    for r in rows:
+        match = pattern.search(r['run'])
+        if match:
+            groups.setdefault(match.group(1) if pattern.groups else match.group(0), []).append(r)
+    if not groups:
+        raise RunError(f"--group {pattern.pattern!r} matches none of the run names")
+
+    def mean(values):
+        return 100 * sum(values) / len(values)
+
+    def span(values):
+        return f"{100 * min(values):.2f} – {100 * max(values):.2f} %"
+    lines = [f"| variant | runs | kept val, mean | kept val, range | mean val, last {last} | test there (report) |",
+             "|---|---|---|---|---|---|"]
+    for name, members in sorted(groups.items(), key=lambda g: -sum(r['best_val'] for r in g[1]) / len(g[1])):
+        best = [r['best_val'] for r in members]
+        lines.append(f"| {name} | {len(members)} | {mean(best):.2f} % | {span(best)} | "
+                     f"{mean([r['mean_val_last'] for r in members]):.2f} % | "
+                     f"{span([r['test_at_best'] for r in members])} |")
+    return '\n'.join(lines)
+
+
 def plot(histories, path):
     import io
     import matplotlib
@@ -83,17 +114,28 @@ def main(argv=None):
     parser.add_argument('runs', nargs='+', help='run folders (runs/<name>)')
     parser.add_argument('--plot', type=Path, help='write the validation curves to this PNG')
     parser.add_argument('--last', type=int, default=10, help='epochs averaged at the end of each run (default 10)')
+    parser.add_argument('--group', metavar='REGEX',
+                        help='also a table of variants: runs grouped by what REGEX matches in their names (its first '
+                             'group, or the whole match), e.g. the runtag without the seed')
     args = parser.parse_args(argv)
     if args.last < 1:
         parser.error(f"--last {args.last}: must be at least 1")
     try:
+        pattern = re.compile(args.group) if args.group is not None else None
+    except re.error as e:
+        parser.error(f"--group {args.group!r} is not a regular expression: {e}")
+    try:
         histories = {Path(run).name: read_history(run) for run in args.runs}
+        rows = sorted((summarize(name, h, args.last) for name, h in histories.items()),
+                      key=lambda r: (-r['best_val'], -r['mean_val_last']))
+        variants = group_table(rows, pattern, args.last) if pattern else None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = sorted((summarize(name, h, args.last) for name, h in histories.items()),
-                  key=lambda r: (-r['best_val'], -r['mean_val_last']))
     print(table(rows, args.last))
+    if variants:
+        print()
+        print(variants)
     if args.plot:
         plot(histories, args.plot)
         print(f"wrote {args.plot}")

@@ -385,6 +385,26 @@ def test_compare_runs_ranks_by_validation_alone(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_compare_runs_groups_the_seeds_of_a_variant(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / 'docs'))
+    import compare_runs
+    _write_metrics(tmp_path / 'xs1', [0.990, 0.992], [0.991, 0.993])   # kept 99.2 %, test there 99.3 %
+    _write_metrics(tmp_path / 'xs2', [0.990, 0.988], [0.995, 0.990])   # kept 99.0 %, test there 99.5 %
+    _write_metrics(tmp_path / 'ys1', [0.993, 0.993], [0.992, 0.999])   # equal: the earliest, test 99.2 %
+    _write_metrics(tmp_path / 'other', [0.999, 0.999], [0.999, 0.999])   # matched by no group: left out
+    runs = [str(tmp_path / name) for name in ('xs1', 'xs2', 'ys1', 'other')]
+    assert compare_runs.main(runs + ['--group', '^([xy])s', '--last', '2']) == 0
+    out = capsys.readouterr().out
+    assert out.split('| variant |')[1].splitlines()[2:] == [
+        '| y | 1 | 99.30 % | 99.30 – 99.30 % | 99.30 % | 99.20 – 99.20 % |',
+        '| x | 2 | 99.10 % | 99.00 – 99.20 % | 99.00 % | 99.30 – 99.50 % |']
+    assert compare_runs.main(runs + ['--group', 'zzz']) == 2
+    assert "--group 'zzz' matches none of the run names" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_runs.main(runs + ['--group', '('])
+    assert "--group '(' is not a regular expression" in capsys.readouterr().err
+
+
 def test_compare_runs_refuses_a_run_without_validation(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / 'docs'))
     import compare_runs
