@@ -78,13 +78,15 @@ def group_table(rows, pattern, last):
 
     def span(values):
         return f"{100 * min(values):.2f} – {100 * max(values):.2f} %"
+    summaries = []   # (mean kept validation, the row's text)
+    for name, members in groups.items():
+        best = [r['best_val'] for r in members]
+        summaries.append((mean(best), f"| {name} | {len(members)} | {mean(best):.2f} % | {span(best)} | "
+                                      f"{mean([r['mean_val_last'] for r in members]):.2f} % | "
+                                      f"{span([r['test_at_best'] for r in members])} |"))
     lines = [f"| variant | runs | kept val, mean | kept val, range | mean val, last {last} | test there (report) |",
              "|---|---|---|---|---|---|"]
-    for name, members in sorted(groups.items(), key=lambda g: -sum(r['best_val'] for r in g[1]) / len(g[1])):
-        best = [r['best_val'] for r in members]
-        lines.append(f"| {name} | {len(members)} | {mean(best):.2f} % | {span(best)} | "
-                     f"{mean([r['mean_val_last'] for r in members]):.2f} % | "
-                     f"{span([r['test_at_best'] for r in members])} |")
+    lines += [text for _, text in sorted(summaries, key=lambda s: -s[0])]
     return '\n'.join(lines)
 
 
