@@ -11,6 +11,12 @@ from config import ConfigError, load_config, validate_config
 from intmodel import ExportError
 
 CHECKPOINT_FORMAT = 'BitNetMCU-checkpoint-v1'
+# What a checkpoint of CHECKPOINT_FORMAT holds, and of which type (a tampered or hand-made one is named)
+CHECKPOINT_FIELDS = {'config': dict, 'num_classes': int, 'state_dict': dict}
+
+
+class UnstatedQuantType(ExportError):
+    """An original BitNetMCU checkpoint whose QuantType neither its name nor the command line states."""
 
 
 def load_checkpoint(path, params=None, overrides=None):
@@ -28,7 +34,18 @@ def load_checkpoint(path, params=None, overrides=None):
                           "or it was cut short (copy it again)") from None
     overrides = overrides or {}
     if isinstance(obj, dict) and obj.get('format') == CHECKPOINT_FORMAT:
-        cfg = validate_config(obj['config'])
+        for key, kind in CHECKPOINT_FIELDS.items():
+            if not isinstance(obj.get(key), kind) or isinstance(obj.get(key), bool):
+                found = 'no ' + key if key not in obj else f"{key} of type {type(obj[key]).__name__}"
+                raise ExportError(f"{path} is damaged: a {CHECKPOINT_FORMAT} file holds {key} ({kind.__name__}), this "
+                                  f"one has {found}; train it again or use an intact copy")
+        if params is not None:
+            raise ConfigError(f"--params {params}: {path} carries the config it was trained with, --params only "
+                              "applies to the original BitNetMCU's checkpoints; leave it out (--set checks a key)")
+        try:
+            cfg = validate_config(obj['config'])
+        except ConfigError as e:
+            raise ExportError(f"{path} holds an invalid config ({e}); train it again or use an intact copy") from None
         validate_config({**cfg, **overrides})   # an invalid --set value is named as such first
         clash = {k: (v, cfg.get(k)) for k, v in overrides.items() if cfg.get(k) != v}
         if clash:
@@ -88,7 +105,7 @@ def _import_original(state, path, params, overrides):
         raise ExportError(f"{path.name} names QuantType {stated['QuantType']!r}; --set says {overrides['QuantType']!r}")
     qtype = overrides.get('QuantType') or stated.get('QuantType')
     if qtype is None and params is None:
-        raise ExportError(f"{path}: an original BitNetMCU checkpoint does not record its QuantType, and neither "
+        raise UnstatedQuantType(f"{path}: an original BitNetMCU checkpoint does not record its QuantType, and neither "
                           f"its name nor --set states it; pass --set QuantType=<{'|'.join(EXPORTABLE_TYPES)}>")
     cfg = load_config(params, {**overrides, **({'QuantType': qtype} if qtype else {})})
     shape_keys = {'model': 'CNNMNIST' if convs else 'FCMNIST',

@@ -15,7 +15,7 @@ import yaml
 
 from BitNetMCU import CNN_KEYS, CONV_TYPES, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
 from dataset import DATASETS
-from fileio import PROJECT_DIR
+from fileio import PROJECT_DIR, read_bounded
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,14 @@ def _file_name_part(v):
     return None if re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}', v) else \
         "must be 1 to 64 letters, digits, '_', '-', '.' or '+', starting with a letter or digit (it names files)"
 
+
+def _threads(v):
+    return None if v == 'auto' or (isinstance(v, int) and 1 <= v <= 256) else "must be a whole number from 1 to 256 or 'auto'"
+
+
+# Settings of where and how fast a run trains, not of what it learns: they never rename a run.
+RUN_INDEPENDENT = ('device', 'threads')
+MAX_WIDTH = 4096   # far beyond what a 16 KB chip holds; keeps a typo from asking for gigabytes
 
 _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
@@ -92,13 +100,15 @@ CONFIG_SCHEMA = {
     'rotation1': (_NUM, 5, _between(0, 180), 'first random rotation, +/- degrees'),
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
     'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
-    'cnn_width': (int, 16, _at_least(1), 'CNNMNIST channels (DenseCNN: of its first two convolutions)'),
-    'network_width1': (int, 64, _at_least(1), 'first hidden width'),
-    'network_width2': (int, 64, _at_least(1), 'second hidden width'),
-    'network_width3': (int, 64, _at_least(0), 'third hidden width (0: no third layer)'),
+    'cnn_width': (int, 16, _between(1, MAX_WIDTH), 'CNNMNIST channels (DenseCNN: of its first two convolutions)'),
+    'network_width1': (int, 64, _between(1, MAX_WIDTH), 'first hidden width'),
+    'network_width2': (int, 64, _between(1, MAX_WIDTH), 'second hidden width'),
+    'network_width3': (int, 64, _between(0, MAX_WIDTH), 'third hidden width (0: no third layer)'),
     'runtag': (str, 'default', _file_name_part, 'prefix of the run name (letters, digits, _ - . +)'),
     'seed': (int, 0, _between(0, 2 ** 32 - 1), 'random seed (init, shuffling, augmentation)'),
     'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
+    'threads': ((int, str), 1, _threads, 'CPU threads of this training: 1 (the default: two trainings side by side '
+                                         'each keep their speed) or more, or auto (OMP_NUM_THREADS, else up to 4)'),
     'exportable': (bool, True, None, 'refuse settings the MCU engine cannot run (false: float, BatchNorm, '
                                      '... models, for comparison only)'),
 }
@@ -120,12 +130,21 @@ def _check_value(key, value):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         names = ' or '.join('null' if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"config key {key!r}: {value!r} is a {type(value).__name__}, expected {names}")
+        article = 'an' if type(value).__name__[0] in 'aeiou' else 'a'
+        quote = (f" (to give it as text, quote it: --set {key}='{value}', or {key}: '{value}' in YAML)"
+                 if str in types and isinstance(value, (int, float)) else '')
+        raise ConfigError(f"config key {key!r}: {shown_value(value)} is {article} {type(value).__name__}, "
+                          f"expected {names}{quote}")
     problem = check(value) if check else None
     if problem:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:40] + f"...' ({len(value)} characters)"
-        raise ConfigError(f"config key {key!r}: {shown} {problem}")
+        raise ConfigError(f"config key {key!r}: {shown_value(value)} {problem}")
     return value
+
+
+def shown_value(value, limit=60):
+    """repr(value) cut to `limit` characters: an error line stays one short line, whatever was given."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
 
 
 def _unknown_key(key):
@@ -141,12 +160,28 @@ def parse_overrides(pairs):
         if '=' not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_epochs=10")
         key, text = pair.split('=', 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else ''
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ''
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, 'problem', None) or 'not valid YAML')
+            raise ConfigError(f"--set {shown_value(pair)}: the value is not valid YAML ({problem}); quote text "
+                              f"that holds [ ] {{ }} : or #, e.g. --set {key.strip()}=\"'...'\"") from None
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few KB; a device or a huge file is refused, not read without end
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice (plain YAML keeps the last one without a word)."""
+    """YAML that refuses a key given twice (plain YAML keeps the last one without a word) and aliases (*name:
+    a config needs none, and nested ones expand a few bytes into gigabytes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; config files "
+                              "take no aliases: write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -163,8 +198,7 @@ def read_yaml(path):
     """A YAML mapping from a file, every way it can be unreadable named."""
     path = Path(path)
     try:
-        text = path.read_text(encoding='utf-8')
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        text = read_bounded(path, MAX_CONFIG_BYTES, 'config file', ConfigError).decode('utf-8')
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -174,10 +208,12 @@ def read_yaml(path):
                           f"{e.start}); save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(raw).__name__}")
     return raw
@@ -246,7 +282,7 @@ def validate_config(raw):
 def config_hash(cfg):
     """Short hash of every setting that shapes the trained weights (not the device). Keys at their
     default are left out, so adding a key to the schema renames no earlier run."""
-    relevant = {k: v for k, v in sorted(cfg.items()) if k != 'device' and v != CONFIG_SCHEMA[k][1]}
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in RUN_INDEPENDENT and v != CONFIG_SCHEMA[k][1]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 

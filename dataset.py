@@ -21,7 +21,7 @@ from fileio import PROJECT_DIR, OutputError, atomic_save, atomic_write
 
 DATA_DIR = PROJECT_DIR / 'data'
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the cache carries the SHA-256 of its arrays
 
 MNIST_SHA256 = {
     'train-images-idx3-ubyte': 'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
@@ -274,6 +274,24 @@ def _read_split(name, raw_dir, split):
     return torch.from_numpy(np.array(images)), torch.from_numpy(labels.astype(np.int64))
 
 
+CACHE_ARRAYS = ('train_x28', 'train_x16', 'train_y', 'test_x28', 'test_x16', 'test_y')
+
+
+def _arrays_digest(cache):
+    """SHA-256 of the cached arrays: an altered label or pixel (or a missing array) is caught on load."""
+    digest = hashlib.sha256()
+    for key in CACHE_ARRAYS:
+        digest.update(key.encode() + cache[key].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_intact(cached, files):
+    return (isinstance(cached, dict) and cached.get('version') == CACHE_VERSION
+            and cached.get('sources') == _fingerprint(files)
+            and all(isinstance(cached.get(key), torch.Tensor) for key in CACHE_ARRAYS)
+            and cached.get('digest') == _arrays_digest(cached))
+
+
 def load_dataset(name='MNIST', data_dir=None, log=print):
     """dict with train_x28/test_x28 (uint8 N,28,28), train_x16/test_x16 (uint8 N,16,16), labels, classes."""
     if name not in DATASETS:
@@ -281,6 +299,10 @@ def load_dataset(name='MNIST', data_dir=None, log=print):
     data_dir = Path(data_dir) if data_dir else DATA_DIR
     folder, _, num_classes, _ = DATASETS[name]
     raw_dir = data_dir / folder / 'raw'
+    for path in (data_dir, data_dir / folder, raw_dir):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is a file where the data folder belongs; move it away (the data is fetched "
+                            "again)")
     if name == 'MNIST':
         fetch_mnist(raw_dir, log)
     files = _source_files(name, raw_dir)
@@ -288,15 +310,17 @@ def load_dataset(name='MNIST', data_dir=None, log=print):
     if cache_path.exists():
         try:
             cached = torch.load(cache_path, weights_only=True)
-            if cached.get('version') == CACHE_VERSION and cached.get('sources') == _fingerprint(files):
+            if _cache_intact(cached, files):
                 return cached
         except Exception:  # a broken cache is rebuilt, never trusted
             pass
+        log(f"note: {cache_path} is damaged or out of date; it is rebuilt")
     out = {'version': CACHE_VERSION, 'sources': _fingerprint(files), 'num_classes': num_classes}
     for split in ('train', 'test'):
         x28, y = _read_split(name, raw_dir, split)
         out[f'{split}_x28'], out[f'{split}_y'] = x28, y
         out[f'{split}_x16'] = torch.from_numpy(resize_like_pil(x28.numpy()))
+    out['digest'] = _arrays_digest(out)
     try:
         atomic_save(out, cache_path)
     except OutputError as e:   # a read-only data folder: work without the cache

@@ -20,7 +20,7 @@ from BitNetMCU import LAYOUTS, code_entropy_bits
 from checkpoint import load_checkpoint
 from config import ConfigError, load_config, parse_overrides, run_name
 from dataset import DataError, load_dataset, normalize
-from fileio import PROJECT_DIR, OutputError, atomic_write, c_array
+from fileio import PROJECT_DIR, OutputError, atomic_write, c_array, refuse_overwriting_inputs
 from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
 from testdata import fingerprint_line
 
@@ -46,7 +46,8 @@ def load_model_from_args(args):
         if not path.exists():
             raise ConfigError(f"{path} does not exist: train it first (python training.py"
                               f"{' --params ' + args.params if args.params else ''}), or pass --checkpoint")
-    model, cfg, metrics = load_checkpoint(path, args.params, overrides)
+    # --params names the config of an original checkpoint (given by --checkpoint) or finds ours
+    model, cfg, metrics = load_checkpoint(path, args.params if args.checkpoint else None, overrides)
     return model, cfg, metrics, Path(path)
 
 
@@ -370,6 +371,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         model, cfg, metrics, path = load_model_from_args(args)
+        refuse_overwriting_inputs({'--output': args.output}, {'--checkpoint': path, '--params': args.params})
+        if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise OutputError(f"--plots {args.plots} is a file; give a folder for the plots (it is created)")
         int_model = to_int_model(model)
         print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
         print_summary(int_model, pack_model(int_model, args.layout))
@@ -388,7 +392,11 @@ def main(argv=None):
         atomic_write(args.output, header_text(int_model, path.name, args.layout))
         print(f"Wrote {args.output}")
         if args.plots:
-            write_plots(int_model, args.plots)
+            try:
+                write_plots(int_model, args.plots)
+            except OSError as e:
+                raise OutputError(f"--plots {args.plots}: {e.strerror}; give a writable folder (the header is "
+                                  f"written: {args.output})") from None
     except (ConfigError, ExportError, DataError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,38 @@ class OutputError(ValueError):
     """An output cannot be written safely; the message names the path, the reason and what would work."""
 
 
+def read_bounded(path, limit, what, error):
+    """The bytes of a regular file of at most `limit` bytes; a device, a pipe or a larger file raises
+    error(message) instead of being read without end. OSError (missing, a directory, no permission) passes."""
+    path = Path(path)
+    with open(path, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise error(f"{what} {path} is not a regular file; give the path of a file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{what} {path} is larger than {limit:,} bytes, more than any {what} holds; give the right file")
+    return data
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one does not exist (yet): the same path, links followed
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwriting_inputs(outputs, inputs):
+    """outputs and inputs: {option: path}. An output that is one of the command's inputs (or another output)
+    is refused before anything is written: the command would destroy what it reads."""
+    inputs = {flag: path for flag, path in inputs.items() if path is not None}
+    outputs = [(flag, path) for flag, path in outputs.items() if path is not None]
+    for i, (flag, path) in enumerate(outputs):
+        for other, source in list(inputs.items()) + outputs[:i]:
+            if _same_file(path, source):
+                raise OutputError(f"{flag} {path} is the file of {other}; writing it would replace that file: "
+                                  f"give {flag} another path")
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -21,6 +21,7 @@ that `training.py --params` takes as they are).
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import signal
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from config import CONFIG_SCHEMA, ConfigError, _check_value, load_config, read_yaml, run_name
+from config import CONFIG_SCHEMA, RUN_INDEPENDENT, ConfigError, _check_value, load_config, read_yaml, run_name
 from dataset import DataError, load_dataset
 from fileio import PROJECT_DIR, OutputError, atomic_write
 from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
@@ -79,7 +80,8 @@ def _optuna():
     except ImportError:
         raise SweepError("sweep.py needs Optuna: pip install 'optuna>=5.0' (make setup installs it)") from None
     import warnings
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed or interrupted trial is reported by this script in one line, not by Optuna's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
@@ -94,6 +96,33 @@ def _whole(value, key, least=0):
     return value
 
 
+NOT_SAMPLED = {   # config keys a trial cannot sample, and why
+    'dataset': "is loaded once for the whole sweep: set it in 'set' (or the base config), or run one sweep per dataset",
+    'device': "says where a trial trains, not what: set it in 'set'",
+    'threads': "says how fast a trial trains, not what: set it in 'set'",
+}
+
+
+def _check_range_options(key, kind, spec):
+    """What Optuna would refuse in an int or float range only after the first trial started."""
+    low, high = spec[kind]
+    log, step = spec.get('log', False), spec.get('step')
+    if not isinstance(log, bool):
+        raise SweepError(f"sweep key 'space.{key}.log': {log!r} must be true or false")
+    if log and low <= 0:
+        raise SweepError(f"sweep key 'space.{key}': a log range needs low > 0, got {low!r}")
+    if step is not None:
+        if log:
+            raise SweepError(f"sweep key 'space.{key}': step and log cannot both be given (Optuna samples a log range "
+                             "without steps); drop one")
+        whole = isinstance(step, int) and not isinstance(step, bool)
+        if not (whole or (kind == 'float' and isinstance(step, float))) or step <= 0:
+            raise SweepError(f"sweep key 'space.{key}.step': {step!r} must be a {'whole ' if kind == 'int' else ''}"
+                             "number > 0")
+        if step > high - low:
+            raise SweepError(f"sweep key 'space.{key}.step': {step!r} is wider than the range [{low}, {high}]")
+
+
 def _check_space(space):
     if not isinstance(space, dict) or not space:
         raise SweepError("sweep key 'space': give at least one config key to search, e.g. "
@@ -101,6 +130,8 @@ def _check_space(space):
     for key, spec in space.items():
         if key not in CONFIG_SCHEMA:
             raise SweepError(f"sweep key 'space': {key!r} is not a config key (valid: {', '.join(CONFIG_SCHEMA)})")
+        if key in NOT_SAMPLED:
+            raise SweepError(f"sweep key 'space': {key!r} {NOT_SAMPLED[key]}")
         kinds = [kind for kind in ('choices', 'int', 'float') if isinstance(spec, dict) and kind in spec]
         if len(kinds) != 1:
             raise SweepError(f"sweep key 'space.{key}': {spec!r} must be a mapping with exactly one of choices: "
@@ -122,6 +153,7 @@ def _check_space(space):
                     raise SweepError(f"sweep key 'space.{key}.{kind}': {values!r} must be [low, high] with low < high")
                 for value in values:
                     _check_value(key, int(value) if kind == 'int' else float(value))
+                _check_range_options(key, kind, spec)
         except ConfigError as e:
             raise SweepError(f"sweep key 'space.{key}': {e}") from None
         except TypeError:
@@ -147,8 +179,9 @@ def load_sweep(path, out_dir=None):
         if sweep[key] is None:
             raise SweepError(f"sweep file {path}: key {key!r} is missing ({SWEEP_KEYS[key][1]})")
         _whole(sweep[key], key, 1)
-    for key in ('train_images', 'firmware_images', 'keep', 'seed'):
+    for key in ('train_images', 'keep', 'seed'):
         _whole(sweep[key], key)
+    _whole(sweep['firmware_images'], 'firmware_images', 1)
     _whole(sweep['heartbeat_seconds'], 'heartbeat_seconds', 1)
     if sweep['chip'] not in CHIPS:
         raise SweepError(f"sweep key 'chip': {sweep['chip']!r} is not one of {', '.join(CHIPS)}")
@@ -185,6 +218,11 @@ def load_sweep(path, out_dir=None):
     if not cfg['validation_images']:
         raise SweepError(f"sweep file {path}: trials are scored on validation images, never the test set; set "
                          "validation_images (e.g. 5000) in 'set' or in the base config")
+    if sweep['train_images'] and sweep['train_images'] <= cfg['validation_images']:
+        raise SweepError(f"sweep key 'train_images': {sweep['train_images']} leaves no training images once the "
+                         f"{cfg['validation_images']} validation images are held out; give more than "
+                         f"{cfg['validation_images']}, or fewer validation_images")
+    sweep['definition'] = definition(sweep, cfg)
     sweep['dir'] = Path(out_dir) if out_dir else SWEEPS_DIR / sweep['study']
     sweep['firmware'] = any(BUDGETS[key][1] for key in list(sweep['budget']) + objectives[1:])
     return sweep
@@ -192,6 +230,39 @@ def load_sweep(path, out_dir=None):
 
 def fixed_keys(sweep):
     return {**sweep['set'], 'num_epochs': sweep['epochs']}
+
+
+def recorded_config(cfg):
+    """The keys of a config away from their defaults (what a trial records, and its best/*.yaml holds)."""
+    return {k: v for k, v in cfg.items() if v != CONFIG_SCHEMA[k][1] and k not in RUN_INDEPENDENT}
+
+
+def definition(sweep, cfg):
+    """Everything that defines a trial's result: the config every trial starts from, what it samples, the data
+    and how it is measured. Kept in the study: a study only takes trials of one definition."""
+    return {'config': recorded_config(cfg), 'space': sweep['space'], 'train_images': sweep['train_images'],
+            'chip': sweep['chip'], 'budget': sweep['budget'], 'objectives': sweep['objectives'],
+            'firmware_images': sweep['firmware_images']}
+
+
+def check_definition(study, sweep, study_name):
+    """Refuse to add trials to (or report on) a study made by another sweep definition: its trials' results
+    would be mixed with, or described by, settings they never ran with."""
+    stored = study.user_attrs.get('definition')
+    if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise SweepError(f"study {study_name!r} holds trials of an older sweep.py that recorded no definition; "
+                             "start a new one with --study <new name>")
+        study.set_user_attr('definition', sweep['definition'])
+        return
+    ours = json.loads(json.dumps(sweep['definition']))   # as stored: tuples become lists
+    if stored != ours:
+        changed = sorted({f"config.{k}" for k in set(stored['config']) | set(ours['config'])
+                          if stored['config'].get(k) != ours['config'].get(k)}
+                         | {k for k in set(stored) | set(ours) if k != 'config' and stored.get(k) != ours.get(k)})
+        raise SweepError(f"study {study_name!r} was run with another sweep definition (differs in "
+                         f"{', '.join(changed)}); its trials would not be what this file says: give a new --study, "
+                         "or restore the sweep file it was run with")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,29 +316,41 @@ def budget_problems(sweep, costs):
     return values, over
 
 
+BUSY_WAIT = 3600   # seconds a trial waits for another worker training the same config
+
+
 def trial_dirs(sweep):
     return sweep['dir'] / 'runs', sweep['dir'] / 'modeldata'
 
 
 def train_trial(trial, cfg, sweep, data, report, log):
     """The trained model of cfg: trained now (resuming a killed trial's epochs), or the model another trial of
-    the same config trained already (two workers on one config: the second waits for the first)."""
+    the same config trained already (two workers on one config: the second waits for the first, at most
+    BUSY_WAIT seconds). A checkpoint that cannot be resumed (cut short, tampered) is trained over from epoch 0."""
     import training
     runs_dir, model_dir = trial_dirs(sweep)
     name = run_name(cfg)
     model_path, checkpoint = model_dir / f'{name}.pth', runs_dir / name / 'checkpoint.pt'
-    for _ in range(10_000):
+    restart = False
+    for _ in range(BUSY_WAIT // 2):
         if model_path.exists():
             return model_path
         try:
-            return training.train(cfg, resume=checkpoint.exists(), data=data, log=log, on_epoch_end=report,
-                                  runs_dir=runs_dir, model_dir=model_dir)
+            return training.train(cfg, resume=checkpoint.exists() and not restart, restart=restart, data=data,
+                                  log=log, on_epoch_end=report, runs_dir=runs_dir, model_dir=model_dir)
         except training.RunBusy:
             time.sleep(2)
+        except training.UnresumableRun as e:
+            if restart:
+                raise
+            trial.set_user_attr('restarted', str(e))
+            restart = True
         except ConfigError:   # the run's files changed between the check and the start: look again
             if not (model_path.exists() or checkpoint.exists()):
                 raise
-    raise OutputError(f"{runs_dir / name} stayed busy; is a worker stuck?")
+            time.sleep(2)
+    raise OutputError(f"{runs_dir / name} stayed busy for {BUSY_WAIT}s; is a worker stuck? Stop it and run the sweep "
+                      "again")
 
 
 def integer_accuracy(int_model, validation):
@@ -307,6 +390,7 @@ def run_trial(trial, sweep, data, log):
     if budget_problems(sweep, costs)[1]:   # over budget whatever the weights: not worth training
         return record(trial, sweep, costs, None)
     trial.set_user_attr('run', run_name(cfg))
+    trial.set_user_attr('config', recorded_config(cfg))
     trial.set_user_attr('pid', os.getpid())
     single = len(sweep['objectives']) == 1
 
@@ -349,14 +433,28 @@ def record(trial, sweep, costs, accuracy):
 # ------------------------------------------------------------------------------------------------
 
 def embedded_storage_url(sweep):
-    path = sweep['dir'] / 'study.db'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{sweep['dir'] / 'study.db'}"
 
 
-def open_study(sweep, storage_url, study_name, worker=0):
-    """The study in the storage (created by the first worker), with heartbeats, retries and constraints."""
+def _check_writable(storage_url):
+    """An embedded study file (or its folder) that cannot be written is named before Optuna fails on it."""
+    if not storage_url.startswith('sqlite:///'):
+        return
+    path = Path(storage_url[len('sqlite:///'):])
+    for target in (path, path.parent):
+        if target.exists() and not os.stat(target).st_mode & 0o222:
+            raise SweepError(f"the study storage {target} is read-only; make it writable (chmod u+w) or copy the "
+                             "study elsewhere (--dir)")
+
+
+def open_study(sweep, storage_url, study_name, worker=0, create=True):
+    """The study in the storage (created by the first worker unless create is false), with heartbeats, retries
+    and constraints; a study of another sweep definition is refused."""
     optuna = _optuna()
+    if create:
+        _check_writable(storage_url)
+        if storage_url.startswith('sqlite:///'):
+            Path(storage_url[len('sqlite:///'):]).parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     # SQLite: wait for another worker's write instead of failing at once
     engine = {'connect_args': {'timeout': 60}} if storage_url.startswith('sqlite') else None
@@ -370,6 +468,9 @@ def open_study(sweep, storage_url, study_name, worker=0):
             if 'already exists' in str(e) and attempt < 4:   # another worker is creating the tables right now
                 time.sleep(1 + attempt)
                 continue
+            if isinstance(e, ImportError) and 'psycopg' in str(e):
+                raise SweepError("the PostgreSQL driver is not installed: pip install psycopg2-binary (for --storage "
+                                 f"{storage_url.split('://')[0]}://...)") from None
             raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300]}") from None
     single = len(sweep['objectives']) == 1
@@ -381,8 +482,13 @@ def open_study(sweep, storage_url, study_name, worker=0):
                                               n_min_trials=max(1, sweep['pruning']['startup_trials']))
               if single and sweep['pruning'] else optuna.pruners.NopPruner())
     directions = ['maximize'] + ['minimize'] * (len(sweep['objectives']) - 1)
+    if not create and study_name not in optuna.study.get_all_study_names(storage):
+        known = optuna.study.get_all_study_names(storage)
+        raise SweepError(f"no study {study_name!r} in {storage_url.split('@')[-1]} (it holds "
+                         f"{', '.join(map(repr, known)) or 'none'}); run the sweep first, or give --study")
     study = optuna.create_study(storage=storage, study_name=study_name, pruner=pruner, directions=directions,
                                 load_if_exists=True)
+    check_definition(study, sweep, study_name)
     # Every worker, and every re-run, draws its own random start: no two repeat each other's first samples.
     seed = sweep['seed'] + 1_000_003 * worker + 7919 * len(study.get_trials(deepcopy=False))
     study.sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
@@ -428,6 +534,7 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
     from optuna.trial import TrialState
     study = open_study(sweep, storage_url, study_name, worker)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    from training import Diverged
 
     def objective(trial):
         try:
@@ -435,12 +542,16 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
         except KeyboardInterrupt:   # Optuna fails the trial; its parameters go first when the sweep runs again
             study.enqueue_trial(trial.params, skip_if_exists=False)
             raise
+        except (Diverged, ExportError) as e:   # the trial fails; the line after it says why
+            trial.set_user_attr('error', ' '.join(str(e).split())[:300])
+            raise
 
     def after(study, frozen):
         note = frozen.user_attrs.get('infeasible') or (frozen.state.name.lower() if frozen.state != TrialState.COMPLETE
                                                        else f"{100 * frozen.user_attrs['accuracy']:.2f}%")
+        if frozen.user_attrs.get('error'):
+            note += f": {frozen.user_attrs['error']}"
         log(f"trial {frozen.number} {frozen.params}: {note}\n  {progress_line(study, worker)}")
-    from training import Diverged
     while True:
         fail_stale_trials(study)   # a killed worker's trial: failed, and its parameters queued again
         taken = len(study.get_trials(deepcopy=False, states=finished + (TrialState.RUNNING,)))
@@ -545,8 +656,7 @@ def best_trials(study, sweep):
 
 def config_yaml(trial, sweep):
     """A trial's training config as a YAML file training.py takes as it is: the keys away from their defaults."""
-    cfg = load_config(sweep['base'], {**fixed_keys(sweep), **trial.params})
-    keys = {k: v for k, v in cfg.items() if v != CONFIG_SCHEMA[k][1] and k != 'device'}
+    keys = trial.user_attrs['config']   # as the trial ran, whatever the sweep file says now
     a = trial.user_attrs
     costs = ', '.join(f"{key} {a[key]}" for key in BUDGETS if a.get(key) is not None)
     subset = f" on {sweep['train_images']} training images" if sweep['train_images'] else ''
@@ -571,7 +681,7 @@ def write_results(study, sweep, log=print):
     log(results_table(rows, params, limit=20))
     log(progress_line(study))
     best = best_trials(study, sweep)
-    if not best:
+    if not feasible(study):
         log("No feasible trial yet: no plot, no configs.")
         return []
     write_plot(study, sweep, out / 'pareto.png')
@@ -609,7 +719,10 @@ def spawn_workers(args, sweep, n):
         procs.append(subprocess.Popen(cmd, env={**os.environ, 'OMP_NUM_THREADS': threads}))
     try:
         return [p.wait() for p in procs]
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # Ctrl-C reaches the workers too; SIGTERM (kill) only this process: pass it on
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait()
         raise
@@ -642,7 +755,9 @@ def main(argv=None):
         args.study = args.study or sweep['study']
         storage = args.storage or embedded_storage_url(sweep)
         if args.report:
-            write_results(open_study(sweep, storage, args.study), sweep)
+            if not args.storage and not (sweep['dir'] / 'study.db').exists():
+                raise SweepError(f"no study in {sweep['dir']}: run the sweep first (python sweep.py {args.sweep})")
+            write_results(open_study(sweep, storage, args.study, create=False), sweep)
             return 0
         if args.workers > 1:
             open_study(sweep, storage, args.study)   # the tables and the study exist before the workers start

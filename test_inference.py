@@ -25,7 +25,7 @@ from config import ConfigError
 from dataset import DataError, load_dataset
 from exportquant import DEFAULT_OUTPUT, add_model_arguments, header_layout, header_text, load_model_from_args, \
     test_set_predictions
-from fileio import PROJECT_DIR, OutputError
+from fileio import PROJECT_DIR, OutputError, atomic_write, read_bounded, refuse_overwriting_inputs
 from intmodel import ExportError, to_int_model
 from testdata import StaleDataError, header_fingerprint, write_blob, write_data_header
 
@@ -63,10 +63,45 @@ def engine_cdef():
     return out.stdout
 
 
+def intact(library):
+    """Whether a cached engine library is whole: its bytes match the SHA-256 written beside it after it was
+    complete (a file cut short by a full disk or a kill would crash the process that loads it)."""
+    digest = library.with_name(library.name + '.sha256')
+    try:
+        return hashlib.sha256(library.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
+
+
+def compile_engine(name, library, model_text, flags, sanitize, log):
+    """Compile the engine (with the model wrapper when model_text is given) into `library`: in a private
+    folder, then moved into place with its checksum, so processes building it at once never see half a file."""
+    import cffi
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUILD_DIR, prefix='.build-') as tmp:
+        source, cdef = '#include "BitNetMCU_inference.h"\n', engine_cdef()
+        if model_text:
+            (Path(tmp) / f'{name}_model.h').write_text(model_text)   # the exact text that was hashed
+            source += MODEL_WRAPPER.format(header=f'{name}_model.h')
+            cdef += MODEL_CDEF
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        ffi.set_source(name, source, sources=[str(ENGINE_SOURCES[0])], include_dirs=[str(PROJECT_DIR), tmp],
+                       extra_compile_args=flags, extra_link_args=flags if sanitize else [])
+        start = time.time()
+        try:
+            compiled = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        except Exception as e:   # cffi's VerificationError, the compiler's CompileError
+            raise ExportError(f"the C engine did not compile ({type(e).__name__}: {str(e)[-300:]})") from None
+        data = compiled.read_bytes()
+    atomic_write(library, data)
+    atomic_write(library.with_name(library.name + '.sha256'), hashlib.sha256(data).hexdigest() + '\n')
+    log(f"Built C engine extension {library.name} in {time.time() - start:.1f}s")
+
+
 def build_engine(model_header=None, sanitize=False, log=print):
     """Compile the C engine (and a model header, if given) into a Python extension; returns (ffi, lib).
     Cached by a hash of every input, so a changed source or header is always rebuilt."""
-    import cffi
     flags = ['-O2', '-std=c99'] + (SANITIZE_FLAGS if sanitize else [])
     header_text_ = Path(model_header).read_text() if model_header else ''
     digest = hashlib.sha256()
@@ -74,27 +109,11 @@ def build_engine(model_header=None, sanitize=False, log=print):
                                                              MODEL_WRAPPER.encode()]:
         digest.update(part)
     name = f"_bitnetmcu_{digest.hexdigest()[:16]}"
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    built = list(BUILD_DIR.glob(f'{name}.*.so')) + list(BUILD_DIR.glob(f'{name}.so'))
-    if not built:
-        source, cdef = '#include "BitNetMCU_inference.h"\n', engine_cdef()
-        if model_header:
-            copy = BUILD_DIR / f'{name}_model.h'   # the exact text that was hashed
-            copy.write_text(header_text_)
-            source += MODEL_WRAPPER.format(header=copy.name)
-            cdef += MODEL_CDEF
-        ffi = cffi.FFI()
-        ffi.cdef(cdef)
-        ffi.set_source(name, source, sources=[str(ENGINE_SOURCES[0])], include_dirs=[str(PROJECT_DIR), str(BUILD_DIR)],
-                       extra_compile_args=flags, extra_link_args=flags if sanitize else [])
-        start = time.time()
-        try:
-            built = [Path(ffi.compile(tmpdir=str(BUILD_DIR), verbose=False))]
-        except Exception as e:   # cffi's VerificationError, the compiler's CompileError
-            raise ExportError(f"the C engine did not compile ({type(e).__name__}: {str(e)[-300:]})") from None
-        log(f"Built C engine extension {built[0].name} in {time.time() - start:.1f}s")
-    spec = importlib.util.spec_from_file_location(name, built[0],
-                                                  loader=importlib.machinery.ExtensionFileLoader(name, str(built[0])))
+    built = BUILD_DIR / f'{name}.so'
+    if not intact(built):
+        compile_engine(name, built, model_header and header_text_, flags, sanitize, log)
+    spec = importlib.util.spec_from_file_location(name, built,
+                                                  loader=importlib.machinery.ExtensionFileLoader(name, str(built)))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ffi, module.lib
@@ -126,6 +145,24 @@ def verify(model, int_model, header, data, log=print, dataset='the dataset'):
             'images': images, 'labels': y, 'predictions': c_classes}
 
 
+MAX_HEADER_BYTES = 64 << 20   # a model header for a 16 KB chip is far smaller
+
+
+def read_model_header(header):
+    """The text of the exported model header given by --header, every way it can be unusable named."""
+    try:
+        return read_bounded(header, MAX_HEADER_BYTES, 'model header', ExportError).decode('utf-8')
+    except FileNotFoundError:
+        raise ConfigError(f"{header} does not exist: run python exportquant.py first") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--header {header} is a directory; give the header exportquant.py wrote") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"--header {header} is not a header exportquant.py wrote (not UTF-8 text); "
+                          "export it again") from None
+    except OSError as e:
+        raise ConfigError(f"--header {header} cannot be read: {e.strerror}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -137,12 +174,14 @@ def main(argv=None):
                         help='images in the test-data header (default: %(default)s)')
     args = parser.parse_args(argv)
     try:
+        if args.test_images < 1:
+            raise ConfigError(f"--test-images {args.test_images}: give 1 or more (the C test program needs an image)")
         model, cfg, _, path = load_model_from_args(args)
+        refuse_overwriting_inputs({'--test-data': args.test_data, '--test-blob': args.test_blob},
+                                  {'--checkpoint': path, '--header': args.header, '--params': args.params})
         int_model = to_int_model(model)
         header = Path(args.header)
-        if not header.exists():
-            raise ConfigError(f"{header} does not exist: run python exportquant.py first")
-        text = header.read_text()
+        text = read_model_header(header)
         model_fingerprint = header_fingerprint(header)
         if text != header_text(int_model, path.name, header_layout(text, header)):
             raise ExportError(f"{header} was not exported from {path} (or is out of date); "

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import OutputError, atomic_write, c_array
+from fileio import OutputError, atomic_write, c_array, read_bounded, refuse_overwriting_inputs
 
 BLOB_MAGIC = b'BNMT'
 BLOB_VERSION = 2
 BLOB_HEADER_BYTES = 20
+MAX_BLOB_BYTES = 256 << 20     # 10,000 MNIST images take 2.6 MB; a device or a huge file is refused
+MAX_HEADER_BYTES = 64 << 20
 REFRESH = "run test_inference.py (with the arguments of the export) to refresh it"
 _FINGERPRINT_LINE = re.compile(r'^#define BITNETMCU_MODEL_FINGERPRINT 0x([0-9a-f]{8})u\n', re.M)
 _DATA_FINGERPRINT = re.compile(r'^#define BITNETMCU_TEST_MODEL_FINGERPRINT 0x([0-9a-f]{8})u\b', re.M)
@@ -59,16 +61,33 @@ def fingerprint_line(text):
     return f"#define BITNETMCU_MODEL_FINGERPRINT 0x{fingerprint(text):08x}u\n"
 
 
+def _read(path, limit, what, missing):
+    """A file's bytes, bounded; every way it can be unreadable is a StaleDataError naming the cure."""
+    try:
+        return read_bounded(path, limit, what, StaleDataError)
+    except FileNotFoundError:
+        raise StaleDataError(f"{path} is missing: {missing}") from None
+    except IsADirectoryError:
+        raise StaleDataError(f"{path} is a directory; give the {what} file") from None
+    except OSError as e:
+        raise StaleDataError(f"{what} {path} cannot be read: {e.strerror}") from None
+
+
+def _read_text(path, limit, what, missing):
+    try:
+        return _read(path, limit, what, missing).decode('utf-8')
+    except UnicodeDecodeError:
+        raise StaleDataError(f"{path} is not a {what} (not UTF-8 text): {missing}") from None
+
+
 def header_fingerprint(path):
     """The fingerprint a model header states, checked against its text."""
     path = Path(path)
-    if not path.exists():
-        raise StaleDataError(f"{path} is missing: run exportquant.py first")
-    text = path.read_text()
+    text = _read_text(path, MAX_HEADER_BYTES, 'model header', 'run exportquant.py first')
     match = _FINGERPRINT_LINE.search(text)
     if match is None:
-        raise StaleDataError(f"{path} has no BITNETMCU_MODEL_FINGERPRINT: it was written by an older "
-                             "exportquant.py; export it again")
+        raise StaleDataError(f"{path} is not a model header of this exportquant.py (no BITNETMCU_MODEL_FINGERPRINT "
+                             "line): export one with exportquant.py")
     if int(match.group(1), 16) != fingerprint(text):
         raise StaleDataError(f"{path} was edited after export (its text no longer matches its fingerprint); "
                              "export it again with exportquant.py")
@@ -99,9 +118,7 @@ def read_blob(path, limit=None, model_header=None):
     """-> dict(images (count, inputs) int8, labels, predictions, model_fingerprint), the first `limit` images
     when given; with model_header, data made for another header is refused."""
     path = Path(path)
-    if not path.exists():
-        raise StaleDataError(f"{path} is missing: run test_inference.py to write it")
-    data = path.read_bytes()
+    data = _read(path, MAX_BLOB_BYTES, 'test-data blob', 'run test_inference.py to write it')
     if data[:4] != BLOB_MAGIC or len(data) < BLOB_HEADER_BYTES:
         raise StaleDataError(f"{path} is not a BitNetMCU test-data blob: " + REFRESH)
     version = int(np.frombuffer(data, '<u4', 1, 4)[0])
@@ -111,6 +128,8 @@ def read_blob(path, limit=None, model_header=None):
     if len(data) != BLOB_HEADER_BYTES + count * (inputs + 2):
         raise StaleDataError(f"{path} holds {len(data)} bytes, {count} images of {inputs} need "
                              f"{BLOB_HEADER_BYTES + count * (inputs + 2)} (cut short?): " + REFRESH)
+    if count == 0:
+        raise StaleDataError(f"{path} holds no images: " + REFRESH)
     if model_header is not None:
         check_matches(model_header, model_fingerprint, path)
     n = count if limit is None else min(limit, count)
@@ -166,15 +185,33 @@ def data_header_text(images, labels, predictions, model_fingerprint):
             + UNPACK_C + "\n#endif\n")
 
 
-def write_data_header(path, images, labels, predictions, model_fingerprint):
-    atomic_write(path, data_header_text(images, labels, predictions, model_fingerprint))
+def write_data_header(path, images, labels, predictions, model_fingerprint, keep_unchanged=False):
+    """keep_unchanged: a file that already holds this text is not rewritten (it keeps its date: make rebuilds
+    nothing)."""
+    text = data_header_text(images, labels, predictions, model_fingerprint)
+    try:
+        if keep_unchanged and Path(path).read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write(path, text)
+
+
+def _positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return n
 
 
 def data_header_fingerprint(path):
     path = Path(path)
-    if not path.exists():
-        raise StaleDataError(f"{path} is missing: run test_inference.py to write it")
-    match = _DATA_FINGERPRINT.search(path.read_text())
+    match = _DATA_FINGERPRINT.search(_read_text(path, MAX_HEADER_BYTES, 'test-data header',
+                                                'run test_inference.py to write it'))
     if match is None:
         raise StaleDataError(f"{path} names no model header (BITNETMCU_TEST_MODEL_FINGERPRINT): it was written by "
                              "an older test_inference.py; " + REFRESH)
@@ -193,18 +230,24 @@ def main(argv=None):
     check.add_argument('data', help='a test-data blob (.bin) or header (.h)')
     cut = sub.add_parser('header', help='the first N images of a blob as a test-data header (the flash images)')
     cut.add_argument('blob')
-    cut.add_argument('n', type=int)
+    cut.add_argument('n', type=_positive)
     cut.add_argument('output')
     cut.add_argument('--model-header', required=True, help='the model header the blob must belong to')
+    model = sub.add_parser('model-header', help='refuse a file that is not a model header exportquant.py wrote')
+    model.add_argument('model_header')
     args = parser.parse_args(argv)
     try:
-        if args.command == 'check':
+        if args.command == 'model-header':
+            header_fingerprint(args.model_header)
+        elif args.command == 'check':
             if str(args.data).endswith('.h'):
                 check_matches(args.model_header, data_header_fingerprint(args.data), args.data)
             else:
                 read_blob(args.data, limit=0, model_header=args.model_header)
         else:
-            write_data_header(args.output, **read_blob(args.blob, limit=args.n, model_header=args.model_header))
+            refuse_overwriting_inputs({'output': args.output}, {'blob': args.blob, '--model-header': args.model_header})
+            write_data_header(args.output, **read_blob(args.blob, limit=args.n, model_header=args.model_header),
+                              keep_unchanged=True)
     except (StaleDataError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from BitNetMCU import build_model, code_entropy_bits, quant_layers
-from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from checkpoint import CHECKPOINT_FORMAT, UnstatedQuantType, load_checkpoint
 from config import ConfigError, describe_config, ignored_keys, load_config, parse_overrides, run_name
 from dataset import DataError, augment, load_dataset, normalize
 from fileio import PROJECT_DIR, OutputError, atomic_save, atomic_write
@@ -51,16 +51,27 @@ class RunBusy(ConfigError):
     """Another process is training this exact config now."""
 
 
+class UnresumableRun(ConfigError):
+    """The checkpoint of an interrupted run is damaged, foreign or incomplete: only --restart helps."""
+
+
 def pick_device(cfg):
     if cfg['device'] == 'cuda' and not torch.cuda.is_available():
         raise ConfigError("config key 'device': 'cuda' was asked for but no CUDA device is available; "
                           "use 'auto' or 'cpu'")
     if cfg['device'] == 'cpu' or not torch.cuda.is_available():
-        # Tiny layers: more than a few threads only add synchronization overhead.
-        if 'OMP_NUM_THREADS' not in os.environ:
-            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         return torch.device('cpu')
     return torch.device('cuda')
+
+
+def thread_count(cfg):
+    """The CPU threads a training uses (config key threads). One by default: these layers are so small that
+    one thread costs a quarter of the speed alone, while two trainings of default threads side by side
+    (a sweep, a test run beside `make`) each ran 8-25x slower than alone (docs/guide.md, "Threads")."""
+    if cfg['threads'] != 'auto':
+        return cfg['threads']
+    env = os.environ.get('OMP_NUM_THREADS', '')
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
 def lr_at(cfg, epoch):
@@ -126,6 +137,10 @@ def load_config_checkpoint(cfg, key):
         raise ConfigError(f"config key {key!r}: {cfg[key]!r} does not exist (paths are relative to {PROJECT_DIR})")
     try:
         return load_checkpoint(path)[0]
+    except UnstatedQuantType:   # --set QuantType would change this run's model, not the checkpoint's
+        raise ConfigError(f"config key {key!r}: {cfg[key]!r} is an original BitNetMCU checkpoint whose name states "
+                          f"no QuantType; rename it to state one (e.g. {path.stem}_4bitsym{path.suffix}) or give "
+                          "a checkpoint trained by training.py") from None
     except ExportError as e:
         raise ConfigError(f"config key {key!r}: {e}") from None
 
@@ -142,11 +157,16 @@ def init_weights(model, cfg):
         layer.update_clipping()   # its s was made for its own quantization type
 
 
-def load_teacher(cfg, device):
+def load_teacher(cfg, device, num_classes):
     """The frozen model whose softened predictions the student learns too (distillation), or None."""
     if not cfg['teacher']:
         return None
     teacher = load_config_checkpoint(cfg, 'teacher')
+    with torch.no_grad():
+        classes = teacher(torch.zeros(1, 1, 16, 16)).shape[1]
+    if classes != num_classes:
+        raise ConfigError(f"config key 'teacher': {cfg['teacher']!r} predicts {classes} classes, {cfg['dataset']} "
+                          f"has {num_classes}; give a teacher trained on {cfg['dataset']}")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()
@@ -339,21 +359,24 @@ def start_run(cfg, resume, restart, num_classes, log, runs_dir=None, model_dir=N
     model = model.to(device)
     average = WeightAverage(model, cfg['ema_decay'], cfg['ema_clipping'] == 'own') if cfg['ema_decay'] > 0 else None
     run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
-              load_teacher(cfg, device), average, (runs_dir or RUNS_DIR) / name, (model_dir or MODEL_DIR) / f'{name}.pth')
+              load_teacher(cfg, device, num_classes), average, (runs_dir or RUNS_DIR) / name, (model_dir or MODEL_DIR) / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
         if not resume:
             raise ConfigError(f"{run.checkpoint_path} holds an unfinished run of this config; pass --resume to "
                               f"continue it, or --restart to start over (it will be overwritten)")
-        try:
-            state = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
+        try:   # weights_only: a planted or tampered checkpoint can hold data, never code
+            state = torch.load(run.checkpoint_path, map_location=device, weights_only=True)
             model.load_state_dict(state['model'])
             run.optimizer.load_state_dict(state['optimizer'])
             if average is not None:
                 average.load_state_dict(state['average'])
-        except Exception as e:
-            raise ConfigError(f"{run.checkpoint_path} cannot be resumed ({type(e).__name__}: {e}); "
-                              f"pass --restart to start over") from None
-        run.history = state['history']
+            run.history = list(state['history'])
+        except Exception as e:   # torch's own text advises unsafe loading: not repeated here
+            raise UnresumableRun(f"{run.checkpoint_path} cannot be resumed ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split()[:12])[:160]}); pass --restart to start over") from None
+        if cfg['keep_best'] and run.history and not (run.run_dir / 'best.pt').exists():
+            raise UnresumableRun(f"{run.run_dir / 'best.pt'} is missing: the best epoch so far (keep_best) is lost; "
+                                 "pass --restart to start over, or restore the file")
         log(f"Resuming {name} after epoch {run.epochs_done}")
     elif resume:
         done = f"; this config is already trained: {run.model_path}" if run.model_path.exists() else ''
@@ -439,7 +462,11 @@ def save_model(run, num_classes, log):
     state, metrics = run.final_model.state_dict(), run.history[-1]
     if run.cfg['keep_best']:
         metrics = best_epoch(run.history)
-        best = torch.load(run.run_dir / 'best.pt', map_location='cpu', weights_only=True)
+        try:
+            best = torch.load(run.run_dir / 'best.pt', map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise OutputError(f"{run.run_dir / 'best.pt'} cannot be read ({type(e).__name__}): the best epoch is "
+                              f"lost; the last epoch is in {run.checkpoint_path}; train again with --restart") from None
         if best['epoch'] != metrics['epoch']:
             raise OutputError(f"{run.run_dir / 'best.pt'} holds epoch {best['epoch']}, the best validation epoch "
                               f"is {metrics['epoch']}; resume with --restart")
@@ -459,6 +486,7 @@ def train(cfg, resume=False, restart=False, data=None, log=print, on_epoch_end=N
     """Train per cfg; returns the path of the saved model. Resumable per epoch from runs/<name>/checkpoint.pt.
     on_epoch_end(metrics) is called after each epoch is kept; runs_dir and model_dir replace runs/ and
     modeldata/."""
+    torch.set_num_threads(thread_count(cfg))
     data, validation = split_validation(data or load_dataset(cfg['dataset'], log=log), cfg['validation_images'])
     with lock_run((runs_dir or RUNS_DIR) / run_name(cfg)):   # held from start to end, however the run ends
         run = start_run(cfg, resume, restart, data['num_classes'], log, runs_dir, model_dir)

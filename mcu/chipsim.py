@@ -35,6 +35,31 @@ class ChipError(RuntimeError):
     """The firmware did something the chip would not survive; the message names the PC and the address."""
 
 
+EM_RISCV = 243
+
+
+def check_elf(path):
+    """Refuse, before anything runs it, a file that is not a 32-bit little-endian RISC-V ELF executable (a text
+    file, an x86 build, an empty or cut-short file); the message names what it is and the cure."""
+    path = Path(path)
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(20)
+    except FileNotFoundError:
+        raise ChipError(f"{path} is missing: build the firmware first (make -C mcu)") from None
+    except IsADirectoryError:
+        raise ChipError(f"{path} is a directory; give the firmware's .elf file") from None
+    except OSError as e:
+        raise ChipError(f"{path} cannot be read: {e.strerror}") from None
+    if not head.startswith(b'\x7fELF') or len(head) < 20:
+        what = 'empty' if not head else 'cut short' if head.startswith(b'\x7fELF') else 'no ELF magic'
+        raise ChipError(f"{path} is not an ELF file ({what}); give the firmware's .elf (make -C mcu builds it)")
+    machine = int.from_bytes(head[18:20], 'little' if head[5] == 1 else 'big')
+    if head[4] != 1 or head[5] != 1 or machine != EM_RISCV:
+        raise ChipError(f"{path} is an ELF for machine {machine} ({'32' if head[4] == 1 else '64'}-bit), not a 32-bit "
+                        f"RISC-V one (machine {EM_RISCV}); give the firmware built by make -C mcu")
+
+
 def m_extension(word):
     """'mul' / 'div' for an RV32M instruction word (OP opcode, funct7 1), else None."""
     if word & 0x7F == 0x33 and word >> 25 == 1:
@@ -45,6 +70,7 @@ def m_extension(word):
 class Chip:
     def __init__(self, elf, target):
         from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc
+        check_elf(elf)
         self.sram_size, self.may_mul, self.may_div = CHIPS[target]
         self.target, self.uc = target, Uc(UC_ARCH_RISCV, UC_MODE_RISCV32)
         self.console, self.instructions, self.pc, self.error = [], 0, 0, None
@@ -205,10 +231,8 @@ def main(argv=None):
     parser.add_argument('--elf', required=True, help='the image make flash writes (build/<chip>/firmware.elf)')
     parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
     args = parser.parse_args(argv)
-    if not Path(args.elf).exists():
-        print(f"error: {args.elf} is missing: run make firmware first", file=sys.stderr)
-        return 2
     try:
+        check_elf(args.elf)
         chip = Chip(args.elf, args.target)
         console = chip.run()
     except ChipError as e:

@@ -22,6 +22,7 @@ from testdata import StaleDataError, header_fingerprint, read_blob, write_blob  
 
 CROSS = 'riscv64-unknown-elf-'
 TESTSET_ADDR = 0x80400000
+QEMU_BLOB_ROOM = 0x88000000 - TESTSET_ADDR   # QEMU virt's 128 MB of RAM end at 0x88000000
 CHIPS = {   # flash bytes, RAM bytes, QEMU cpu (no multiplier on the CH32V003)
     'CH32V003': (16 * 1024, 2 * 1024, 'rv32,m=false,a=false,f=false,d=false'),
     'CH32V002': (16 * 1024, 4 * 1024, 'rv32,a=false,f=false,d=false'),
@@ -37,7 +38,11 @@ class FirmwareError(RuntimeError):
 def run_qemu(elf, blob, target, timeout=600, model_header=None):
     """Run the emulator build on the images of blob; returns the parsed report (dict). A missing, foreign or
     truncated blob, or one made for another model header than model_header, is named here."""
+    chipsim.check_elf(elf)
     read_blob(blob, limit=0, model_header=model_header)
+    if Path(blob).stat().st_size > QEMU_BLOB_ROOM:
+        raise FirmwareError(f"{blob} holds {Path(blob).stat().st_size:,} bytes; the emulator's RAM has room for "
+                            f"{QEMU_BLOB_ROOM:,} from {TESTSET_ADDR:#x}: write a blob of fewer images")
     cmd = ['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS[target][2], '-icount', 'shift=0',
            '-nographic', '-kernel', str(elf), '-device', f'loader,file={blob},addr={TESTSET_ADDR:#x},force-raw=on']
     try:
@@ -60,6 +65,7 @@ SRAM_BASE = 0x20000000
 def section_sizes(elf):
     """(flash bytes, static RAM bytes) of a chip build from its section headers: flash holds every section
     below SRAM plus the initial values of .data; RAM holds every section at SRAM (.data, .bss)."""
+    chipsim.check_elf(elf)
     out = subprocess.run([CROSS + 'size', '-A', str(elf)], capture_output=True, text=True, check=True).stdout
     flash = ram = 0
     for name, size, address in re.findall(r'^(\.[\w.]+)\s+(\d+)\s+(\d+)', out, re.M):
@@ -98,6 +104,7 @@ DIVIDE = r'\t(div|divu|rem|remu)\s|<__(div|udiv|mod|umod)\w*>'
 
 def multiply_uses(elf, pattern=MULTIPLY + '|' + DIVIDE):
     """Lines of the disassembly that multiply or divide (instructions, calls into libgcc's helpers)."""
+    chipsim.check_elf(elf)
     dump = subprocess.run([CROSS + 'objdump', '-d', str(elf)], capture_output=True, text=True, check=True).stdout
     return [line.strip() for line in dump.splitlines() if re.search(pattern, line)]
 
@@ -214,6 +221,14 @@ def main(argv=None):
                         help='nomul: print a note instead of failing (multiplies the chip does in software)')
     parser.add_argument('--timeout', type=int, default=600)
     args = parser.parse_args(argv)
+    needs = {'sim': ['elf', 'blob'], 'size': ['elf', 'sim_elf', 'blob'], 'nomul': ['elf'],
+             'image': []}[args.command]
+    missing = [f"--{name.replace('_', '-')}" for name in needs if getattr(args, name) is None]
+    if args.command == 'image' and not (args.elf or args.probe_elf):
+        missing.append('--elf or --probe-elf')
+    if missing:
+        print(f"error: firmware.py {args.command} needs {' and '.join(missing)} (see --help)", file=sys.stderr)
+        return 2
     try:
         if args.command == 'sim':
             r = run_qemu(args.elf, args.blob, args.target, args.timeout, args.header)

@@ -8,6 +8,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'mcu'))
 SHARED = ROOT.parent / 'shared' / 'original-checkpoints'
+# Float results (a float model's accuracy) differ between CPUs; they are compared in whole images, this far apart
+FLOAT_TOLERANCE_IMAGES = 3
+
+
+def images_apart(accuracy_a, accuracy_b, n):
+    """How many of n images two accuracies differ by: a whole number, free of float rounding."""
+    return abs(round(accuracy_a * n) - round(accuracy_b * n))
 
 
 def pytest_configure(config):

@@ -7,7 +7,7 @@ import pytest
 import test_inference
 from checkpoint import load_checkpoint
 from config import load_config, run_name
-from conftest import ROOT
+from conftest import FLOAT_TOLERANCE_IMAGES, ROOT, images_apart
 from exportquant import header_layout, header_text
 from intmodel import to_int_model
 
@@ -31,4 +31,6 @@ def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
         f"{header} is stale: python docs/make_results.py"
     result = test_inference.verify(model, int_model, Path(header), mnist, log=lambda *a: None)
     assert result['n'] == 10000 and result['mismatches'] == 0
-    assert abs(result['float_acc'] - metrics['test_acc']) <= 1e-4   # the checkpoint's own record (1 image)
+    # The float model against the checkpoint's own record: float arithmetic differs between CPUs (one image
+    # here, seen), so the two are compared in whole images with a tolerance, never as equal floats.
+    assert images_apart(result['float_acc'], metrics['test_acc'], result['n']) <= FLOAT_TOLERANCE_IMAGES
