@@ -142,9 +142,13 @@ def _check_value(key, value):
 
 
 def shown_value(value, limit=60):
-    """repr(value) cut to `limit` characters: an error line stays one short line, whatever was given."""
+    """repr(value), cut to about `limit` characters: an error line stays one short line, whatever was given."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return repr(value[:limit - 20])[:-1] + f"...' ({len(value)} characters)"
+    return f"{text[:limit - 20]}... ({len(text)} characters)"
 
 
 def _unknown_key(key):

@@ -468,7 +468,7 @@ def open_study(sweep, storage_url, study_name, worker=0, create=True):
             if 'already exists' in str(e) and attempt < 4:   # another worker is creating the tables right now
                 time.sleep(1 + attempt)
                 continue
-            if isinstance(e, ImportError) and 'psycopg' in str(e):
+            if isinstance(e, ImportError) and storage_url.startswith('postgres'):
                 raise SweepError("the PostgreSQL driver is not installed: pip install psycopg2-binary (for --storage "
                                  f"{storage_url.split('://')[0]}://...)") from None
             raise SweepError(f"storage {storage_url.split('@')[-1]!r} cannot be opened: {type(e).__name__}: "

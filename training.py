@@ -501,7 +501,7 @@ def train_epochs(run, data, validation, log, on_epoch_end):
     log(f"Run {run.name}: {cfg['model']} {kind}, {params} weights, "
         f"{len(data['train_y'])} train images{' + as many augmented' if cfg['augmentation'] else ''}"
         f"{f', {len(validation[1])} validation images' if validation else ''}, "
-        f"device {run.device}, {torch.get_num_threads()} threads")
+        f"device {run.device}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
     writer = _tensorboard(run.run_dir / 'tensorboard', run.epochs_done)
     try:
         for epoch in range(run.epochs_done, cfg['num_epochs']):

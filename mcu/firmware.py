@@ -38,8 +38,8 @@ class FirmwareError(RuntimeError):
 def run_qemu(elf, blob, target, timeout=600, model_header=None):
     """Run the emulator build on the images of blob; returns the parsed report (dict). A missing, foreign or
     truncated blob, or one made for another model header than model_header, is named here."""
-    chipsim.check_elf(elf)
     read_blob(blob, limit=0, model_header=model_header)
+    chipsim.check_elf(elf)
     if Path(blob).stat().st_size > QEMU_BLOB_ROOM:
         raise FirmwareError(f"{blob} holds {Path(blob).stat().st_size:,} bytes; the emulator's RAM has room for "
                             f"{QEMU_BLOB_ROOM:,} from {TESTSET_ADDR:#x}: write a blob of fewer images")
