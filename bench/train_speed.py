@@ -2,6 +2,7 @@
 
     python bench/train_speed.py [--epochs N] [--threads T] [--models fc,cnn,cnn_v003]
     python bench/train_speed.py --quick      # seconds: one FC epoch on 6,000 images
+    python bench/train_speed.py --models fc --side-by-side 2 --threads 1   # two trainings at once
 
 Reports the median over N epochs, each timed from epoch data generation to the last optimizer step
 (the test-set evaluation is left out, as in the reference figures below). Reference: the original
@@ -9,6 +10,7 @@ BitNetMCU on this 2-core machine needs 38.9 s per FC epoch (median of 5) and 88 
 """
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from BitNetMCU import build_model  # noqa: E402
 from config import load_config  # noqa: E402
 from dataset import load_dataset  # noqa: E402
-from training import epoch_data, pick_device, train_epoch  # noqa: E402
+from training import epoch_data, pick_device, thread_count, train_epoch  # noqa: E402
 
 CASES = {   # key: (title, config overrides, the original's s/epoch, our target s/epoch)
     'fc': ('FC 4bitsym 64/64/64 (default config)', {}, 38.9, 3.5),
@@ -34,8 +36,7 @@ CASES = {   # key: (title, config overrides, the original's s/epoch, our target 
 def time_epochs(overrides, epochs, data, threads):
     cfg = load_config(overrides=overrides)
     device = pick_device(cfg)
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or thread_count(cfg))
     torch.manual_seed(0)
     model = build_model(cfg, data['num_classes']).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
@@ -48,14 +49,36 @@ def time_epochs(overrides, epochs, data, threads):
     return times
 
 
+def side_by_side(n):
+    """n copies of this command (without --side-by-side) started together; their tables, one after another."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith('--side-by-side'):
+            skip = arg == '--side-by-side'
+            continue
+        argv.append(arg)
+    procs = [subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for i, proc in enumerate(procs, 1):
+        out = proc.communicate()[0]
+        print(f"process {i} of {n} side by side:\n{out}", end='')
+        if proc.returncode:
+            sys.exit(f"error: process {i} failed (exit {proc.returncode})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--epochs', type=int, default=3, help='epochs timed per model (median reported)')
     parser.add_argument('--models', default='fc,cnn,cnn_v003', help='comma-separated: ' + ', '.join(CASES))
-    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: as training.py picks)')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: as training.py picks, config key '
+                                                               'threads)')
+    parser.add_argument('--side-by-side', type=int, default=1, metavar='N',
+                        help='run N of these benchmarks at once, as separate processes (a sweep, a test run beside '
+                             'a training), and print each one\'s table')
     parser.add_argument('--quick', action='store_true', help='seconds: one FC epoch on the first 6,000 images '
                                                              '(not comparable with the reference)')
     args = parser.parse_args()
+    if args.side_by_side > 1:
+        return side_by_side(args.side_by_side)
     unknown = [key for key in args.models.split(',') if key not in CASES]
     if unknown:
         sys.exit(f"error: unknown models {unknown}; valid: {', '.join(CASES)}")
