@@ -147,7 +147,7 @@ def shown_value(value, limit=60):
     if len(text) <= limit:
         return text
     if isinstance(value, str):
-        return repr(value[:limit - 20])[:-1] + f"...' ({len(value)} characters)"
+        return repr(value[:limit - 21])[:-1] + f"...' ({len(value)} characters)"
     return f"{text[:limit - 20]}... ({len(text)} characters)"
 
 
