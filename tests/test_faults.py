@@ -279,8 +279,11 @@ def test_keep_0_says_so_beside_feasible_trials(tmp_path):
 
 def sweep_process(tmp_path, workers):
     spec_file = write_sweep(tmp_path / 's.yaml', trials=4, epochs=40, pruning=False)
+    # SIGINT as at a terminal: a background job (CI) inherits it ignored, and Python then never raises
+    # KeyboardInterrupt
     return subprocess.Popen([PY, str(ROOT / 'sweep.py'), str(spec_file), '--dir', str(tmp_path / 'out'),
-                             '--workers', str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             '--workers', str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def workers_of(out_dir):
