@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def pick_device(cfg):
 
 def thread_count(cfg):
     """The CPU threads a training uses (config key threads). One by default: these layers are so small that
-    one thread costs a quarter of the speed alone, while two trainings of default threads side by side
+    one thread costs at most a quarter of the speed alone, while two trainings of default threads side by side
     (a sweep, a test run beside `make`) each ran 8-25x slower than alone (docs/guide.md, "Threads")."""
     if cfg['threads'] != 'auto':
         return cfg['threads']
@@ -371,9 +372,17 @@ def start_run(cfg, resume, restart, num_classes, log, runs_dir=None, model_dir=N
             if average is not None:
                 average.load_state_dict(state['average'])
             run.history = list(state['history'])
-        except Exception as e:   # torch's own text advises unsafe loading: not repeated here
+        except pickle.UnpicklingError as e:
+            if not str(e).startswith('Weights only load failed'):
+                raise UnresumableRun(f"{run.checkpoint_path} cannot be resumed: it is not a checkpoint, or it was cut "
+                                     "short; pass --restart to start over") from None
+            # torch's own text advises unsafe loading: not repeated here
+            raise UnresumableRun(f"{run.checkpoint_path} cannot be resumed: it holds objects other than tensors and "
+                                 "numbers (a foreign or planted file; nothing in it was run); pass --restart to start "
+                                 "over") from None
+        except Exception as e:
             raise UnresumableRun(f"{run.checkpoint_path} cannot be resumed ({type(e).__name__}: "
-                                 f"{' '.join(str(e).split()[:12])[:160]}); pass --restart to start over") from None
+                                 f"{' '.join(str(e).split())[:160]}); pass --restart to start over") from None
         if cfg['keep_best'] and run.history and not (run.run_dir / 'best.pt').exists():
             raise UnresumableRun(f"{run.run_dir / 'best.pt'} is missing: the best epoch so far (keep_best) is lost; "
                                  "pass --restart to start over, or restore the file")
