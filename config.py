@@ -45,7 +45,8 @@ def _file_name_part(v):
 
 
 def _threads(v):
-    return None if v == 'auto' or (isinstance(v, int) and 1 <= v <= 256) else "must be a whole number from 1 to 256 or 'auto'"
+    ok = v == 'auto' or (isinstance(v, int) and 1 <= v <= 256)
+    return None if ok else "must be a whole number from 1 to 256 or 'auto'"
 
 
 # Settings of where and how fast a run trains, not of what it learns: they never rename a run.

@@ -25,9 +25,9 @@ from config import ConfigError
 from dataset import DataError, load_dataset
 from exportquant import DEFAULT_OUTPUT, add_model_arguments, header_layout, header_text, load_model_from_args, \
     test_set_predictions
-from fileio import PROJECT_DIR, OutputError, atomic_write, read_bounded, refuse_overwriting_inputs
+from fileio import PROJECT_DIR, OutputError, atomic_write, refuse_overwriting_inputs
 from intmodel import ExportError, to_int_model
-from testdata import StaleDataError, header_fingerprint, write_blob, write_data_header
+from testdata import StaleDataError, header_fingerprint, model_header_text, write_blob, write_data_header
 
 ENGINE_SOURCES = [PROJECT_DIR / 'BitNetMCU_inference.c', PROJECT_DIR / 'BitNetMCU_inference.h']
 BUILD_DIR = PROJECT_DIR / 'build' / 'cffi'
@@ -145,24 +145,6 @@ def verify(model, int_model, header, data, log=print, dataset='the dataset'):
             'images': images, 'labels': y, 'predictions': c_classes}
 
 
-MAX_HEADER_BYTES = 64 << 20   # a model header for a 16 KB chip is far smaller
-
-
-def read_model_header(header):
-    """The text of the exported model header given by --header, every way it can be unusable named."""
-    try:
-        return read_bounded(header, MAX_HEADER_BYTES, 'model header', ExportError).decode('utf-8')
-    except FileNotFoundError:
-        raise ConfigError(f"{header} does not exist: run python exportquant.py first") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--header {header} is a directory; give the header exportquant.py wrote") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"--header {header} is not a header exportquant.py wrote (not UTF-8 text); "
-                          "export it again") from None
-    except OSError as e:
-        raise ConfigError(f"--header {header} cannot be read: {e.strerror}") from None
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -181,7 +163,7 @@ def main(argv=None):
                                   {'--checkpoint': path, '--header': args.header, '--params': args.params})
         int_model = to_int_model(model)
         header = Path(args.header)
-        text = read_model_header(header)
+        text = model_header_text(header)
         model_fingerprint = header_fingerprint(header)
         if text != header_text(int_model, path.name, header_layout(text, header)):
             raise ExportError(f"{header} was not exported from {path} (or is out of date); "

@@ -80,10 +80,15 @@ def _read_text(path, limit, what, missing):
         raise StaleDataError(f"{path} is not a {what} (not UTF-8 text): {missing}") from None
 
 
+def model_header_text(path):
+    """The text of a model header file, bounded; missing, a directory or not text is named."""
+    return _read_text(Path(path), MAX_HEADER_BYTES, 'model header', 'run exportquant.py first')
+
+
 def header_fingerprint(path):
     """The fingerprint a model header states, checked against its text."""
     path = Path(path)
-    text = _read_text(path, MAX_HEADER_BYTES, 'model header', 'run exportquant.py first')
+    text = model_header_text(path)
     match = _FINGERPRINT_LINE.search(text)
     if match is None:
         raise StaleDataError(f"{path} is not a model header of this exportquant.py (no BITNETMCU_MODEL_FINGERPRINT "

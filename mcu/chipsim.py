@@ -232,8 +232,7 @@ def main(argv=None):
     parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
     args = parser.parse_args(argv)
     try:
-        check_elf(args.elf)
-        chip = Chip(args.elf, args.target)
+        chip = Chip(args.elf, args.target)   # checks the ELF first
         console = chip.run()
     except ChipError as e:
         print(f"error: {args.target} (emulated chip, {Path(args.elf).name}): {e}", file=sys.stderr)
