@@ -54,6 +54,7 @@ def one_line_error(capsys, *fragments):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not Path('/dev/full').is_char_device(), reason='needs /dev/full')
+@pytest.mark.slow
 def test_output_to_a_device_is_written_plainly_never_replaced(trained, capsys):
     assert export(trained, '/dev/full') == 2
     one_line_error(capsys, 'cannot write /dev/full: No space left on device')
@@ -173,6 +174,7 @@ def header_and_data(trained, tmp_path, small_mnist, monkeypatch):
     return header, data, blob
 
 
+@pytest.mark.slow
 def test_test_data_of_another_header_is_refused(trained, tmp_path, small_mnist, monkeypatch, capsys):
     header, data, blob = header_and_data(trained, tmp_path, small_mnist, monkeypatch)
     capsys.readouterr()
@@ -447,6 +449,7 @@ def test_missing_c_compiler_is_named(trained, tmp_path, capsys, monkeypatch, sma
         test_inference.build_engine(header, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_read_only_data_folder_without_cache_still_loads(tmp_path):
     import dataset
     raw = tmp_path / 'MNIST' / 'raw'

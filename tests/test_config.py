@@ -85,6 +85,7 @@ def test_run_name_changes_with_any_setting():
     assert run_name({**base, 'device': 'cpu'}) == run_name(base)   # where it runs does not change the result
 
 
+@pytest.mark.slow
 def test_cli_reports_config_error_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / 'training.py'), '--set', 'QuantType=int3'],
                          capture_output=True, text=True, cwd=tmp_path)
@@ -93,11 +94,13 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_help():
     out = subprocess.run([sys.executable, str(ROOT / 'training.py'), '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and '--resume' in out.stdout and '--set' in out.stdout
 
 
+@pytest.mark.slow
 def test_every_script_answers_help_without_doing_its_work():
     scripts = [path for pattern in ('*.py', 'bench/*.py', 'docs/*.py', 'mcu/*.py') for path in sorted(ROOT.glob(pattern))
                if "if __name__ == '__main__':" in path.read_text()]

@@ -205,6 +205,7 @@ def test_missing_default_checkpoint_says_train_first(tmp_path, capsys, monkeypat
     assert 'train it first' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_summary_plots_and_stats(tmp_path, capsys):
     model, _, _ = load_checkpoint(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'))
     int_model = to_int_model(model)

@@ -235,6 +235,7 @@ def test_sweep_numbers_that_cannot_work_are_named(tmp_path, keys, fragment):
         sweep.load_sweep(write_sweep(tmp_path / 's.yaml', **keys))
 
 
+@pytest.mark.slow
 def test_a_report_of_a_study_that_does_not_exist_creates_nothing(tmp_path, capsys):
     spec_file = write_sweep(tmp_path / 's.yaml')
     assert sweep_main(spec_file, tmp_path, '--report') == 2
@@ -435,6 +436,7 @@ def test_a_file_where_the_data_folder_belongs_is_named(tmp_path, blocked):
         dataset.load_dataset('MNIST', tmp_path / 'data', log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_a_damaged_data_cache_is_rebuilt_never_trusted(tmp_path):
     import dataset
     raw = tmp_path / 'MNIST' / 'raw'
@@ -475,12 +477,14 @@ def test_unparsable_or_huge_settings_are_one_line(run_dirs, capsys, setting, fra
     [PY, ROOT / 'testdata.py', 'check', ROOT / 'mcu' / 'models' / 'fc_4bitsym_64x3.h', '/dev/zero'],
     [PY, ROOT / 'testdata.py', 'check', '/dev/zero', '/dev/zero'],
 ])
+@pytest.mark.slow
 def test_devices_are_not_read_without_end(command):
     out = run(*command, timeout=60)
     assert out.returncode == 2
     one_line(out.stderr, '/dev/zero is not a regular file')
 
 
+@pytest.mark.slow
 def test_a_huge_config_file_is_refused_unread(tmp_path):
     big = tmp_path / 'big.yaml'
     big.write_text('# padding\n' * 200_000)
@@ -489,6 +493,7 @@ def test_a_huge_config_file_is_refused_unread(tmp_path):
     one_line(out.stderr, 'is larger than 1,048,576 bytes')
 
 
+@pytest.mark.slow
 def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
     bomb = tmp_path / 'bomb.yaml'
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']

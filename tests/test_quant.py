@@ -79,6 +79,7 @@ def test_activation_quantization_is_per_sample_int8_with_ste():
 
 
 @pytest.mark.parametrize('bits', [2, 4, 8])
+@pytest.mark.slow
 def test_octav_matches_brute_force_mse_search(bits):
     absw = wide_weights(50000, seed=bits).abs()
     s = octav_clip(absw, bits)

@@ -61,6 +61,7 @@ def test_a_bad_sweep_file_exits_2_with_the_message(tmp_path, capsys):
     assert "'trials': 0 must be a whole number >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_trials_done_infeasible_and_pruned_and_what_they_write(tmp_path):
     """Four trials with fixed parameters: a good one, one that multiplies (the CH32V003 has no multiplier),
     one over the weight budget (both refused before training), and one whose learning rate is hopeless

@@ -116,6 +116,7 @@ def teacher(small_mnist, run_dirs):
 
 @pytest.mark.parametrize('levers', [{}, {'ema_decay': 0.9, 'label_smoothing': 0.1, 'teacher': True,
                                           'oscillation_dampening': 1.0}])
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers):
     if levers.get('teacher'):
         levers = {**levers, 'teacher': request.getfixturevalue('teacher')}
@@ -211,6 +212,7 @@ def test_weight_average_clipping_is_its_own_or_the_live_models(small_mnist, run_
         assert not all(torch.equal(avg.s, live.s) for (_, avg), (_, live), _ in pairs)
 
 
+@pytest.mark.slow
 def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
     with pytest.raises(ConfigError, match="'DenseCNN' is a float teacher.*exportable"):
         config(model='DenseCNN')
@@ -227,6 +229,7 @@ def test_a_dense_cnn_teaches_and_is_refused_for_export(small_mnist, run_dirs):
     assert student['metrics']['test_acc'] > 0.5
 
 
+@pytest.mark.slow
 def test_a_float_run_logs_no_clipping_or_codes(small_mnist, run_dirs):
     lines = []
     cfg = config(model='CNNMNIST', cnn_width=4, num_epochs=1, QuantType='None', fc1_QuantType='None',
