@@ -54,6 +54,10 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  * Ternary has one layout: for each output, groups of 10 trits per uint16_t (+1 -> 0, -1 -> 1, 0 -> 2),
  * base 3 MSB-first, stored as ceil(v * 65536 / 3^10) so that x3 brings each trit into bits 16-17.
  */
+/* The arguments of a hidden layer, whose inputs are ReLU outputs: skip the zeros, which add nothing. */
+#define BITNETMCU_NO_BACKGROUND 0
+#define BITNETMCU_NO_ROWSUMS ((const int16_t *)0)
+
 #define BITNETMCU_FC_KERNEL(name) \
     void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out)
 #define BITNETMCU_FC_COLUMNS_KERNEL(name)                                                           \
@@ -116,6 +120,15 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 #ifndef BITNETMCU_MAX_PLANE
 #define BITNETMCU_MAX_PLANE 16
 #endif
+/* The arguments the generated calls name: the plane holds the outputs of a convolution (no offset); no extent
+ * (compute every output; the fill is then unused); the unsigned image's background (the fill of the first extent);
+ * pooling or not. */
+#define BITNETMCU_NO_OFFSET 0
+#define BITNETMCU_NO_EXTENT ((const uint8_t *)0)
+#define BITNETMCU_NO_FILL 0u
+#define BITNETMCU_IMAGE_FILL 0u
+#define BITNETMCU_NO_POOL 0u
+#define BITNETMCU_POOL 1u
 #define BITNETMCU_QCONV_KERNEL(name)                                                                        \
     uint32_t name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
                   uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool)

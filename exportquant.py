@@ -8,9 +8,7 @@ Prints a summary (per layer: type, shape, bits, bytes; the RAM the C engine need
 and the accuracy of the float model and of the integer model on the MNIST test set.
 """
 import argparse
-import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +17,14 @@ import torch
 from BitNetMCU import LAYOUTS, code_entropy_bits
 from checkpoint import load_checkpoint
 from config import ConfigError, load_config, parse_overrides, run_name
-from dataset import DataError, load_dataset, normalize
-from fileio import PROJECT_DIR, OutputError, atomic_write, c_array, refuse_overwriting_inputs
-from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
-from testdata import fingerprint_line
+from dataset import DataError, load_dataset
+from fileio import PROJECT_DIR, OutputError, atomic_write, refuse_overwriting_inputs
+from intmodel import ExportError, pack_model, to_int_model
+from modelheader import activation_ram, header_text
+from pipeline import predict_test_set
 
 DEFAULT_OUTPUT = PROJECT_DIR / 'BitNetMCU_model.h'
-HEADER_FORMAT = 2   # BITNETMCU_ENGINE_FORMAT of the engine that reads these headers (2: FP130 set-up at export)
+MAX_DISAGREEMENT = 0.03   # share of test images where float and integer model may differ before export refuses
 
 
 def add_model_arguments(parser):
@@ -65,29 +64,14 @@ def weight_stats(op):
 
 def layer_table(packed):
     """Rows of (name, kind, shape, type, bits/weight, flash bytes), one per packed layer."""
-    rows = []
-    for layer in packed:
-        op = layer.op
-        if op.kind == 'fc':
-            shape, bits = f"{op.weights.shape[1]} -> {op.weights.shape[0]}", op.qtype.bits
-        else:
-            shape, bits = f"3x3 x {op.weights.shape[0]} ch", op.qtype.bits if op.kind == 'qconv' else 8
-        rows.append((op.name, op.kind, shape, op.qtype.name, bits, layer.nbytes))
-    return rows
-
-
-def activation_ram(int_model, packed):
-    """Bytes of the buffers BitNetMCU_model_infer() puts on the stack (see infer_function)."""
-    plan = buffer_plan(int_model, packed)
-    if plan['int8_planes']:
-        return max(plan['image'] + plan['plane'], 4 * plan['scratch']) + plan['features'] + sum(plan['extents'])
-    return 4 * (plan['scratch'] + plan['features']) + plan['act']
+    return [(layer.op.name, layer.op.kind.name, *layer.op.kind.summary(layer), layer.op.qtype.name, layer.nbytes)
+            for layer in packed]
 
 
 def print_summary(int_model, packed, log=print):
     rows = layer_table(packed)
     log(f"{'layer':12s} {'kind':5s} {'shape':>16s} {'type':>8s} {'bits':>5s} {'bytes':>7s}")
-    for name, kind, shape, qtype, bits, nbytes in rows:
+    for name, kind, shape, bits, qtype, nbytes in rows:
         log(f"{name:12s} {kind:5s} {shape:>16s} {qtype:>8s} {bits:>5} {nbytes:7d}")
     log(f"{'total':12s} {'':5s} {'':>16s} {'':>8s} {'':>5s} {sum(r[5] for r in rows):7d}"
         f"   weights; activation buffers (RAM): {activation_ram(int_model, packed)} bytes")
@@ -98,230 +82,8 @@ def print_summary(int_model, packed, log=print):
 
 
 # ------------------------------------------------------------------------------------------------
-# Header
-# ------------------------------------------------------------------------------------------------
-
-def array_name(index, part='weights'):
-    return f"BitNetMCU_layer{index}_{part}"
-
-
-def split_ops(int_model):
-    """(the per-channel conv/maxpool stack, the rest: ShiftNorms and fully connected layers)."""
-    ops = list(int_model.ops)
-    n = next((i for i, op in enumerate(ops) if op.kind not in ('conv', 'qconv', 'maxpool')), len(ops))
-    return ops[:n], ops[n:]
-
-
-def buffer_plan(int_model, packed):
-    """Sizes (in elements) of the buffers the generated function needs."""
-    stack, rest = split_ops(int_model)
-    fcs = [op for op in rest if op.kind == 'fc']
-    size, biggest = int_model.input_size, 0
-    for op in stack:
-        size = size - 2 if op.kind in ('conv', 'qconv') else size // 2
-        biggest = max(biggest, size * size)
-    fed_by_act = fcs if stack else fcs[1:]
-    sums = max(layer.outputs for layer in packed if layer.op.kind == 'fc')
-    act = max((op.weights.shape[1] for op in fed_by_act), default=0)
-    features = stack[0].weights.shape[0] * size * size if stack else 0
-    if stack and stack[0].kind == 'qconv':
-        # int8 planes: the image and one channel's plane, then (in the same bytes) the fully connected sums;
-        # the ShiftNorm outputs reuse the features once the first fully connected layer has read them.
-        first = int_model.input_size - 2
-        extents = [2 * (int_model.input_size - 2 * (k + 1)) for k in range(leading_convs(stack))]
-        return {'int8_planes': True, 'image': int_model.input_size ** 2, 'plane': first * first, 'scratch': sums,
-                'features': max(features, act), 'final_size': size, 'extents': extents}
-    # The convolution maps and, after them, the fully connected sums share one int32 buffer.
-    return {'int8_planes': False, 'scratch': max(biggest, sums), 'features': features, 'final_size': size,
-            'act': act}
-
-
-def channel_calls(size, stack, convs, src, scratch, last, pool, first_offset=None, extents=0):
-    """The kernel calls that run channel c through the conv/pool stack, in place in `scratch`, into `last`.
-    first_offset: the planes are int8 and every conv kernel takes its plane's offset (the first the image's)
-    and does the max pooling that follows it; the first `extents` convs skip what lies outside extent<k>
-    and pass on their fill value."""
-    lines, k, i = [], 0, 0
-    while i < len(stack):
-        op = stack[i]
-        pooled = first_offset is not None and i + 1 < len(stack) and stack[i + 1].kind == 'maxpool'
-        i += 2 if pooled else 1
-        dst = last if i == len(stack) else scratch
-        if op.kind == 'maxpool':
-            lines.append(f"        {pool}({src}, {size}u, {dst});")
-            size //= 2
-        elif first_offset is None:
-            lines.append(f"        {convs[k][1].kernel}({src}, {size}u, w{k}, {op.shift}u, {dst});")
-            size, k = size - 2, k + 1
-        else:
-            offset = first_offset if k == 0 else '0'
-            call = f"{convs[k][1].kernel}({src}, {offset}, {size}u, w{k}, {op.shift}u, {dst}, "
-            if k < extents:
-                call = (('uint32_t fill = ' if k == 0 else 'fill = ') + call
-                        + f"extent{k}, {'0u' if k == 0 else 'fill'}, {int(pooled)}u);")
-            else:
-                call += f"(const uint8_t *)0, 0u, {int(pooled)}u);"
-            lines.append(f"        {call}")
-            size, k = (size - 2) // (2 if pooled else 1), k + 1
-        src = dst
-    return lines
-
-
-def leading_convs(stack):
-    """How many convolutions come before the first pooling: the ones whose constant region an extent tracks."""
-    return next((i for i, op in enumerate(stack) if op.kind == 'maxpool'), len(stack))
-
-
-def int8_stack_lines(int_model, plan, stack, convs):
-    """Buffers and the int8-plane stack: every channel in turn runs through all of it, so one channel's
-    plane is all the RAM the convolutions need. The image's background is the same for every channel: the
-    extent of each leading convolution's output (where it can differ from one value) is found once."""
-    size = int_model.input_size
-    ctype = {np.uint32: 'uint32_t', np.uint16: 'uint16_t'}
-    lines = [f"    union {{ struct {{ uint8_t image[{plan['image']}], plane[{plan['plane']}]; }} conv; "
-             f"int32_t sums[{plan['scratch']}]; }} ram;",
-             f"    int8_t features[{plan['features']}], *act = features;"]
-    lines += [f"    uint8_t extent{k}[{n}];" for k, n in enumerate(plan['extents'])]
-    lines += ["    int32_t *sums = ram.sums;",
-              f"    int32_t offset = BitNetMCU_unsigned_image(input, ram.conv.image, {size * size}u);",
-              f"    BitNetMCU_plane_extent(ram.conv.image, {size}u, ram.conv.plane);   /* the plane is free yet */"]
-    for k in range(len(plan['extents'])):
-        lines.append(f"    BitNetMCU_conv_extent({'ram.conv.plane' if k == 0 else f'extent{k - 1}'}, {size - 2 * k}u, "
-                     f"extent{k});")
-    lines += [f"    const {ctype[layer.words.dtype.type]} *w{k} = {array_name(index)};" for k, (index, layer) in enumerate(convs)]
-    lines.append(f"    for (uint32_t c = 0; c < {convs[0][1].op.weights.shape[0]}u; c++"
-                 + ''.join(f", w{k} += {layer.words.shape[1]}" for k, (_, layer) in enumerate(convs)) + ") {")
-    lines += channel_calls(size, stack, convs, 'ram.conv.image', 'ram.conv.plane',
-                           f"(uint8_t *)features + {plan['final_size'] ** 2}u * c", 'BitNetMCU_maxpool2_u8',
-                           first_offset='offset', extents=len(plan['extents']))
-    return lines + ["    }"]
-
-
-def int32_stack_lines(int_model, plan, stack, convs):
-    """Buffers and, with convolutions, the int32-plane stack; returns (lines, source of the first fully
-    connected layer, its length)."""
-    if not stack:
-        lines = [f"    int32_t sums[{plan['scratch']}];"] + ([f"    int8_t act[{plan['act']}];"] if plan['act'] else [])
-        return lines, 'input', None
-    lines = [f"    int32_t scratch[{plan['scratch']}], *sums = scratch;"]
-    if plan['act']:
-        lines.append(f"    int8_t act[{plan['act']}];")
-    # Depthwise after the first conv: each channel runs through the whole stack on its own, in
-    # place in `scratch`, so only one channel's map is ever in RAM.
-    channels = convs[0][1].op.weights.shape[0]
-    lines += [f"    int32_t features[{plan['features']}], *feature = features;",
-              "    const int8_t " + ', '.join(f"*w{k} = {array_name(index)}" for k, (index, _) in enumerate(convs)) + ';',
-              f"    for (uint32_t c = 0; c < {channels}u; c++, "
-              + ''.join(f"w{k} += 9, " for k in range(len(convs)))
-              + f"feature += {plan['final_size'] ** 2}) {{"]
-    lines += channel_calls(int_model.input_size, stack, convs, 'input', 'scratch', 'feature', 'BitNetMCU_maxpool2')
-    return lines + ["    }"], 'features', plan['features']
-
-
-def infer_function(int_model, packed):
-    """C source of BitNetMCU_model_infer(): the kernels in the order of int_model.ops."""
-    plan = buffer_plan(int_model, packed)
-    stack, rest = split_ops(int_model)
-    convs = [(index, layer) for index, layer in enumerate(packed) if layer.op.kind in ('conv', 'qconv')]
-    fcs = iter([(index, layer) for index, layer in enumerate(packed) if layer.op.kind == 'fc'])
-    if plan['int8_planes']:
-        lines, source, count = int8_stack_lines(int_model, plan, stack, convs), 'features', plan['features']
-    else:
-        lines, source, count = int32_stack_lines(int_model, plan, stack, convs)
-    for op in rest:
-        if op.kind == 'shiftnorm':
-            lines.append(f"    BitNetMCU_shiftnorm_relu({source}, act, {count}u);")
-            source = 'act'
-        elif op.kind == 'fc':
-            index, layer = next(fcs)
-            n_out, n_in = op.weights.shape
-            args = f"{source}, {n_in}u, {array_name(index)}, sums, {n_out}u"
-            if layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
-                args += f", input[0], {array_name(index, 'rowsums')}" if layer.rowsums is not None else \
-                    ", 0, (const int16_t *)0"
-            lines.append(f"    {layer.kernel}({args});")
-            source, count = 'sums', n_out
-        else:
-            raise ExportError(f"{op.name}: a {op.kind} after the fully connected layers has no kernel")
-    lines += [f"    for (uint32_t i = 0; i < {int_model.num_classes}u; i++)",
-              "        logits[i] = sums[i];",
-              f"    return BitNetMCU_argmax(logits, {int_model.num_classes}u);"]
-    return ("/* Runs the network on one int8 image (row-major 16x16); fills logits, returns the class. */\n"
-            "static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logits)\n{\n"
-            + '\n'.join(lines) + "\n}\n")
-
-
-def header_text(int_model, source_name, layout=LAYOUTS[0]):
-    """BitNetMCU_model.h: every layer's arrays, then BitNetMCU_model_infer(). The fully connected layers
-    are packed in `layout` (written into the header as BITNETMCU_MODEL_LAYOUT)."""
-    packed = pack_model(int_model, layout)
-    parts = []
-    for index, layer in enumerate(packed):
-        op = layer.op
-        if op.kind == 'fc':
-            desc = f"fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, {op.qtype.name}, for {layer.kernel}()"
-            if layer.rowsums is not None:
-                parts.append(f"/* {op.name}: sum of each output's weights, for skipping the image background */\n"
-                             + c_array(array_name(index, 'rowsums'), layer.rowsums))
-        elif op.kind == 'qconv':
-            desc = (f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} codes "
-                    f"({layer.words.shape[1]} word{'s' * (layer.words.shape[1] > 1)} each), int8 activations, shift {op.shift}")
-        else:
-            desc = f"3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}"
-        parts.append(f"/* {op.name}: {desc} */\n" + c_array(array_name(index), layer.words))
-    fcs = [op for op in int_model.ops if op.kind == 'fc']
-    layout_line = f"#define BITNETMCU_MODEL_LAYOUT \"{layout}\"   /* exportquant.py --layout */\n"
-    text = (f"/* BitNetMCU_model.h: generated by exportquant.py from {source_name}. Do not edit.\n"
-            f" * Weights: {sum(layer.nbytes for layer in packed)} bytes; activation buffers on the stack: "
-            f"{activation_ram(int_model, packed)} bytes. */\n"
-            "#ifndef BITNETMCU_MODEL_H\n#define BITNETMCU_MODEL_H\n\n"
-            "#include <stdint.h>\n#include \"BitNetMCU_inference.h\"\n\n"
-            f"#define BITNETMCU_MODEL_FORMAT {HEADER_FORMAT}\n"
-            "#if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT\n"
-            f"#error \"this model header is format {HEADER_FORMAT}, BitNetMCU_inference.h reads another: "
-            "export the model again with the exportquant.py of this engine\"\n#endif\n"
-            + layout_line +
-            f"#define BITNETMCU_MODEL_INPUT_SIZE {int_model.input_size}\n"
-            f"#define BITNETMCU_MODEL_INPUTS {int_model.input_size ** 2}\n"
-            f"#define BITNETMCU_MODEL_CLASSES {int_model.num_classes}\n"
-            f"#define BITNETMCU_MODEL_LAYERS {len(int_model.weight_ops())}\n"
-            f"#define BITNETMCU_MODEL_FIRST_FC_INPUTS {fcs[0].weights.shape[1]}\n\n"
-            + '\n'.join(parts) + '\n' + infer_function(int_model, packed) + "\n#endif\n")
-    # The test data made for this header carries its fingerprint (testdata.py).
-    return text.replace(layout_line, layout_line + fingerprint_line(text))
-
-
-def header_layout(text, path='the header'):
-    """The weight layout a header was exported with (its BITNETMCU_MODEL_LAYOUT)."""
-    match = re.search(r'^#define BITNETMCU_MODEL_LAYOUT "([a-z-]+)"', text, re.M)
-    if match is None or match.group(1) not in LAYOUTS:
-        raise ExportError(f"{path} names no weight layout (BITNETMCU_MODEL_LAYOUT): it was not written by "
-                          "this exportquant.py; export it again")
-    return match.group(1)
-
-
-# ------------------------------------------------------------------------------------------------
 # Accuracy and plots
 # ------------------------------------------------------------------------------------------------
-
-MAX_DISAGREEMENT = 0.03   # share of test images where float and integer model may differ before export refuses
-
-
-def test_set_predictions(model, int_model, data, dataset='the dataset'):
-    """The test images as the MCU sees them (int8), their labels, the float model's predicted classes and
-    the integer reference's logits (with the seconds the reference took)."""
-    if data['num_classes'] != int_model.num_classes:
-        raise ExportError(f"the model has {int_model.num_classes} outputs, {dataset} has {data['num_classes']} "
-                          "classes: pass --set dataset=<the dataset it was trained on>")
-    x, y = normalize(data['test_x16']), data['test_y'].numpy()
-    images = encode_input(x)
-    with torch.no_grad():
-        float_pred = model.eval()(x).argmax(1).numpy()
-    start = time.perf_counter()
-    logits = reference_logits(int_model, images)
-    return {'images': images, 'labels': y, 'float_pred': float_pred, 'logits': logits,
-            'python_time': time.perf_counter() - start}
-
 
 def write_plots(int_model, directory, log=print):
     import matplotlib
@@ -340,7 +102,7 @@ def write_plots(int_model, directory, log=print):
     fig.savefig(directory / 'weight_histograms.png', dpi=120)
     plt.close(fig)
     first = ops[0]
-    if first.kind == 'fc' and first.weights.shape[1] == 256:
+    if first.weights.shape[1:] == (256,):   # a fully connected layer reading the image
         n = first.weights.shape[0]
         cols = int(np.ceil(np.sqrt(n)))
         fig, axes = plt.subplots(int(np.ceil(n / cols)), cols, figsize=(cols, np.ceil(n / cols)), squeeze=False)
@@ -378,7 +140,7 @@ def main(argv=None):
         print(f"Model {path.name}: {cfg['model']}, {cfg['QuantType']}")
         print_summary(int_model, pack_model(int_model, args.layout))
         if not args.no_eval:   # before anything is written: a broken export never replaces a good header
-            p = test_set_predictions(model, int_model, load_dataset(cfg['dataset']), cfg['dataset'])
+            p = predict_test_set(model, int_model, load_dataset(cfg['dataset']), cfg['dataset'])
             y, float_pred, int_pred = p['labels'], p['float_pred'], p['logits'].argmax(1)
             disagree = float((float_pred != int_pred).mean())
             print(f"Test accuracy on {len(y)} images: float model {100 * (float_pred == y).mean():.2f}%, "

@@ -26,13 +26,9 @@ class ExportError(ValueError):
 
 @dataclass
 class IntOp:
-    """One step of the integer model, in order. kind:
-    'fc'        int8 input -> int32 sums, weights (out, in) as the kernel multiplies them
-    'conv'      3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 in/out
-    'qconv'     3x3 conv per channel, int8 activations: clamp((sum + 2^shift/2) >> shift, 0, 127)
-    'maxpool'   2x2 max pooling per channel
-    'shiftnorm' ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)"""
-    kind: str
+    """One step of the integer model, in order: a layer kind (the LayerKind of the section below: what the
+    step computes, how its weights are packed, the RAM it needs and the C call it is) and its parameters."""
+    kind: 'LayerKind'
     qtype: Optional[QuantType] = None
     weights: Optional[np.ndarray] = None
     shift: int = 0
@@ -79,16 +75,16 @@ def to_int_model(model):
                 raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
                                   "integer engine does not have; train with WScale PerTensor to export")
             if module.int8_activations:
-                ops.append(IntOp('qconv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
+                ops.append(IntOp(INT8_CONV, module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
                                  int(module.act_shift), label))
                 continue
             if module.qtype.conv_shift is None:
                 raise ExportError(f"{label}: {module.qtype.name} weights do not fit the int8 conv kernel; "
                                   f"use conv_QuantType {' / '.join(CONV_TYPES)}")
-            ops.append(IntOp('conv', module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
+            ops.append(IntOp(CONV, module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
                              module.qtype.conv_shift, label))
         elif isinstance(module, nn.MaxPool2d):
-            ops.append(IntOp('maxpool', name=label))
+            ops.append(IntOp(MAXPOOL, name=label))
         elif isinstance(module, BitLinear):
             if module.per_output:
                 raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
@@ -97,8 +93,8 @@ def to_int_model(model):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
                                   "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
             if ops and not module.int8_input:   # the image, or int8 conv features, need no ShiftNorm
-                ops.append(IntOp('shiftnorm', name=f'{label} input'))
-            ops.append(IntOp('fc', module.qtype, integer_weights(module, label), name=label))
+                ops.append(IntOp(SHIFTNORM, name=f'{label} input'))
+            ops.append(IntOp(FC, module.qtype, integer_weights(module, label), name=label))
         elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
             raise ExportError(f"{label}: {type(module).__name__} has no integer kernel")
     return IntModel(ops, num_classes=ops[-1].weights.shape[0])
@@ -165,46 +161,29 @@ REFERENCE_BATCH = 500   # images per pass of a CNN through the reference (its pl
 
 
 def reference_logits(int_model, images_int8):
-    """The integer reference engine: int8 images (N, 256) -> logits (N, classes), batch-wise, bit-exact with
-    the C engine (int64 arithmetic here, checked to stay in the int32 range C computes in)."""
-    x, ops = np.asarray(images_int8, dtype=np.int64), int_model.ops
-    size = int_model.input_size
-    if any(op.kind == 'qconv' for op in ops):
-        x, ops = _int8_stack(int_model, x), [op for op in ops if op.kind not in ('qconv', 'maxpool')]
-    elif any(op.kind == 'conv' for op in ops):
-        x = x.reshape(len(x), 1, size, size)
-    for op in ops:
-        if op.kind == 'fc':
-            x = fc(x.reshape(len(x), -1), op.weights)
-        elif op.kind == 'shiftnorm':
-            x = shiftnorm_relu(x.reshape(len(x), -1))
-        elif op.kind == 'conv':
-            acc, x = conv3x3_relu(x, op.weights, op.shift)
-            _check_int32(acc, op)
-        elif op.kind == 'maxpool':
-            x = maxpool2(x)
-        _check_int32(x, op)
-    return x
-
-
-def _int8_stack(int_model, images):
-    """The int8-activation convolutions and poolings in float32 torch (exact integers), a batch at a time:
-    (N, features) int64."""
-    size, out = int_model.input_size, []
+    """The integer reference engine: int8 images (N, 256) -> logits (N, classes), bit-exact with the C engine.
+    Each op's kind computes its step (int64 numpy, checked to stay in the int32 range C computes in; int8
+    planes as exact float32 tensors), REFERENCE_BATCH images at a time so that a CNN's planes stay in the caches."""
+    images, size, out = np.asarray(images_int8, dtype=np.int64), int_model.input_size, []
     for i in range(0, len(images), REFERENCE_BATCH):
-        x = torch.from_numpy(images[i:i + REFERENCE_BATCH].astype(np.float32)).reshape(-1, 1, size, size)
+        x = images[i:i + REFERENCE_BATCH]
+        if int_model.ops[0].kind.per_channel:
+            x = x.reshape(len(x), 1, size, size)
         for op in int_model.ops:
-            if op.kind == 'qconv':
-                _, x = qconv3x3(x, op.weights, op.shift)
-            elif op.kind == 'maxpool':
-                x = torch.nn.functional.max_pool2d(x, 2)
-        out.append(x.reshape(len(x), -1).numpy().astype(np.int64))
-    return np.concatenate(out)
+            x = op.kind.reference(op, x)
+        out.append(as_numpy(x))
+    return np.concatenate(out) if out else np.zeros((0, int_model.num_classes), dtype=np.int64)
+
+
+def as_numpy(x):
+    """A step's output as int64 numpy (the int8-plane steps compute in float32 torch)."""
+    return x.numpy().astype(np.int64) if torch.is_tensor(x) else x
 
 
 def _check_int32(x, op):
     if x.size and np.abs(x).max() > INT32_MAX:
-        raise ExportError(f"{op.name or op.kind}: sums exceed 32 bits; the C engine would overflow")
+        raise ExportError(f"{op.name or op.kind.name}: sums exceed 32 bits; the C engine would overflow")
+    return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,15 +300,181 @@ def pack_fc(op, layout, skip_background=False):
 
 def pack_model(int_model, layout=LAYOUTS[0]):
     """Every weight op of the model, packed once, in order."""
-    packed = []
-    for op in int_model.weight_ops():
-        reads_image = op is int_model.ops[0]
-        if op.kind == 'conv':
-            kernel = 'BitNetMCU_conv3x3_relu_image' if reads_image else 'BitNetMCU_conv3x3_relu'
-            packed.append(PackedLayer(op, kernel, 'channels', op.weights.astype(np.int8)))
-        elif op.kind == 'qconv':
-            packed.append(PackedLayer(op, f'BitNetMCU_qconv3x3_{op.qtype.name}', 'channels',
-                                      pack_qconv(op.qtype, op.weights, op.shift)))
-        else:
-            packed.append(pack_fc(op, layout, skip_background=reads_image))
-    return packed
+    return [op.kind.pack(op, layout, reads_image=op is int_model.ops[0]) for op in int_model.weight_ops()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer kinds: each is one definition of what its step computes (the reference), how its weights are packed,
+# the RAM and the C call it needs. Nothing outside a kind tests which kind an op is; the rest of the code asks
+# a kind what it is (weighted, per channel, pooling, the planes it works on).
+# Adding a kind: a class here, its kernel in BitNetMCU_inference.c, its case in to_int_model, its tests.
+# ------------------------------------------------------------------------------------------------
+
+class LayerKind:
+    name = ''
+    weighted = False       # carries weights into the header
+    per_channel = False    # runs on one channel's plane at a time, inside the generated channel loop
+    pools = False          # 2x2 max pooling: an int8-plane convolution before it pools in the same pass
+    planes = None          # a convolution's plane type: 'int32' or 'int8' (the channel loop the header writes)
+
+    def reference(self, op, x):
+        """The step on a batch: x is (N, features) or (N, channels, size, size)."""
+        raise NotImplementedError
+
+    def out_size(self, size):
+        """The plane size after the step (per-channel kinds)."""
+        return size
+
+    def multiplies(self, op):
+        """Whether the kernel multiplies (the CH32V003 has no multiplier): a weighted kind's kernels multiply only
+        for the weight types that say so."""
+        return self.weighted and not op.qtype.multiplier_free
+
+    def pack(self, op, layout, reads_image):
+        """The PackedLayer of a weighted step."""
+        raise NotImplementedError
+
+    def summary(self, layer):
+        """(shape, bits per weight) for exportquant.py's table."""
+        raise NotImplementedError
+
+    def arrays(self, layer, name):
+        """The header's arrays of the layer: [(comment, C name, array)]; name is the layer's prefix."""
+        raise NotImplementedError
+
+    def call(self, op, layer, name, f):
+        """The C lines of a step after the channel loop; f is the generated function's state (modelheader.py)."""
+        raise ExportError(f"{op.name}: a {self.name} after the fully connected layers has no kernel")
+
+    def channel_call(self, op, layer, loop, pooled):
+        """The C call of a per-channel step for channel c, reading loop.src into loop.dst (modelheader.py)."""
+        raise NotImplementedError
+
+
+class FullyConnected(LayerKind):
+    """int8 input -> int32 sums; weights (out, in) as the kernel multiplies them."""
+    name, weighted = 'fc', True
+
+    def reference(self, op, x):
+        return _check_int32(fc(as_numpy(x).reshape(len(x), -1), op.weights), op)
+
+    def pack(self, op, layout, reads_image):
+        return pack_fc(op, layout, skip_background=reads_image)
+
+    def summary(self, layer):
+        return f"{layer.op.weights.shape[1]} -> {layer.op.weights.shape[0]}", layer.op.qtype.bits
+
+    def arrays(self, layer, name):
+        op = layer.op
+        arrays = []
+        if layer.rowsums is not None:
+            arrays.append((f"{op.name}: sum of each output's weights, for skipping the image background",
+                           f"{name}_rowsums", layer.rowsums))
+        return arrays + [(f"{op.name}: fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, "
+                          f"{op.qtype.name}, for {layer.kernel}()", f"{name}_weights", layer.words)]
+
+    def call(self, op, layer, name, f):
+        n_out, n_in = op.weights.shape
+        args = f"{f.source}, {n_in}u, {name}_weights, sums, {n_out}u"
+        if layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
+            args += (f", input[0], {name}_rowsums" if layer.rowsums is not None
+                     else ", BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS")
+        f.source, f.count = 'sums', n_out
+        return [f"    {layer.kernel}({args});"]
+
+
+class ShiftNorm(LayerKind):
+    """ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)."""
+    name = 'shiftnorm'
+
+    def reference(self, op, x):
+        return shiftnorm_relu(as_numpy(x).reshape(len(x), -1))
+
+    def call(self, op, layer, name, f):
+        f.act = max(f.act, f.count)
+        line = f"    BitNetMCU_shiftnorm_relu({f.source}, act, {f.count}u);"
+        f.source = 'act'
+        return [line]
+
+
+class MaxPool(LayerKind):
+    """2x2 max pooling per channel."""
+    name, per_channel, pools = 'maxpool', True, True
+    KERNELS = {'int32': 'BitNetMCU_maxpool2', 'int8': 'BitNetMCU_maxpool2_u8'}
+
+    def reference(self, op, x):
+        return torch.nn.functional.max_pool2d(x, 2) if torch.is_tensor(x) else maxpool2(x)
+
+    def out_size(self, size):
+        return size // 2
+
+    def channel_call(self, op, layer, loop, pooled):
+        return f"{self.KERNELS[loop.planes]}({loop.src}, {loop.size}u, {loop.dst});"
+
+
+class Conv3x3(LayerKind):
+    """3x3 conv per channel + ReLU + right shift `shift`, weights (channels, 9), int32 planes."""
+    name, weighted, per_channel, planes = 'conv', True, True, 'int32'
+
+    def reference(self, op, x):
+        acc, x = conv3x3_relu(x, op.weights, op.shift)
+        _check_int32(acc, op)
+        return _check_int32(x, op)
+
+    def out_size(self, size):
+        return size - 2
+
+    def multiplies(self, op):
+        return True   # its int8 weights, whatever their type
+
+    def pack(self, op, layout, reads_image):
+        kernel = 'BitNetMCU_conv3x3_relu_image' if reads_image else 'BitNetMCU_conv3x3_relu'
+        return PackedLayer(op, kernel, 'channels', op.weights.astype(np.int8))
+
+    def summary(self, layer):
+        return f"3x3 x {layer.op.weights.shape[0]} ch", 8
+
+    def arrays(self, layer, name):
+        op = layer.op
+        return [(f"{op.name}: 3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} as int8, shift {op.shift}",
+                 f"{name}_weights", layer.words)]
+
+    def channel_call(self, op, layer, loop, pooled):
+        return f"{layer.kernel}({loop.src}, {loop.size}u, w{loop.conv}, {op.shift}u, {loop.dst});"
+
+
+class Int8Conv3x3(Conv3x3):
+    """3x3 conv per channel, int8 activations: clamp((sum + 2^shift/2) >> shift, 0, 127), uint8 planes; the
+    kernel pools (2x2 max) in the same pass when a pooling follows."""
+    name, planes = 'qconv', 'int8'
+
+    def multiplies(self, op):
+        return LayerKind.multiplies(self, op)
+
+    def reference(self, op, x):
+        x = x if torch.is_tensor(x) else torch.from_numpy(x.astype(np.float32))
+        return qconv3x3(x, op.weights, op.shift)[1]
+
+    def pack(self, op, layout, reads_image):
+        return PackedLayer(op, f'BitNetMCU_qconv3x3_{op.qtype.name}', 'channels', pack_qconv(op.qtype, op.weights, op.shift))
+
+    def summary(self, layer):
+        return f"3x3 x {layer.op.weights.shape[0]} ch", layer.op.qtype.bits
+
+    def arrays(self, layer, name):
+        op, words = layer.op, layer.words.shape[1]
+        return [(f"{op.name}: 3x3 conv, {op.weights.shape[0]} channels, {op.qtype.name} codes ({words} word"
+                 f"{'s' * (words > 1)} each), int8 activations, shift {op.shift}", f"{name}_weights", layer.words)]
+
+    def channel_call(self, op, layer, loop, pooled):
+        k = loop.conv
+        pool = 'BITNETMCU_POOL' if pooled else 'BITNETMCU_NO_POOL'
+        call = (f"{layer.kernel}({loop.src}, {loop.offset if k == 0 else 'BITNETMCU_NO_OFFSET'}, {loop.size}u, w{k}, "
+                f"{op.shift}u, {loop.dst}, ")
+        if k < loop.extents:   # outside its extent every output is one value, the next convolution's fill
+            return (('uint32_t fill = ' if k == 0 else 'fill = ') + call
+                    + f"extent{k}, {'BITNETMCU_IMAGE_FILL' if k == 0 else 'fill'}, {pool});")
+        return call + f"BITNETMCU_NO_EXTENT, BITNETMCU_NO_FILL, {pool});"
+
+
+FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV = FullyConnected(), ShiftNorm(), MaxPool(), Conv3x3(), Int8Conv3x3()

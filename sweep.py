@@ -36,10 +36,11 @@ import yaml
 from config import CONFIG_SCHEMA, RUN_INDEPENDENT, ConfigError, _check_value, load_config, read_yaml, run_name
 from dataset import DataError, load_dataset
 from fileio import PROJECT_DIR, OutputError, atomic_write
+from chips import CHIPS
 from intmodel import ExportError, encode_input, pack_model, reference_logits, to_int_model
+from modelheader import activation_ram
 
 SWEEPS_DIR = PROJECT_DIR / 'sweeps'
-CHIPS = ('CH32V003', 'CH32V002')
 # budget key: what it limits, and whether only the emulated firmware can measure it
 BUDGETS = {
     'weight_bytes': ('flash bytes of the weight arrays (export summary)', False),
@@ -286,14 +287,9 @@ def suggest(trial, space):
 
 def export_costs(int_model):
     """What the export says of a model, trained or not (sizes depend only on shapes and types)."""
-    import exportquant
     packed = pack_model(int_model)
-    ops = int_model.weight_ops()
-    return {'weight_bytes': sum(layer.nbytes for layer in packed),
-            'ram_bytes': exportquant.activation_ram(int_model, packed),
-            # int32 convolutions multiply their int8 weights; fully connected and int8 conv kernels multiply
-            # only for the types that say so
-            'multiplies': any(op.kind == 'conv' or not op.qtype.multiplier_free for op in ops)}
+    return {'weight_bytes': sum(layer.nbytes for layer in packed), 'ram_bytes': activation_ram(int_model, packed),
+            'multiplies': any(op.kind.multiplies(op) for op in int_model.ops)}
 
 
 def budget_problems(sweep, costs):
@@ -363,13 +359,12 @@ def integer_accuracy(int_model, validation):
 def firmware_costs(model_path, cfg, sweep, data, work):
     """Flash, RAM with stack, instructions per inference and fit of the firmware on the emulated chip, run
     on validation images (C against Python on each of them too)."""
-    sys.path.insert(0, str(PROJECT_DIR / 'mcu'))
-    import firmware
+    import pipeline
     import training
     _, held = training.validation_indices(len(data['train_y']), cfg['validation_images'])
     held = held[:sweep['firmware_images']]
     shown = {**data, 'test_x16': data['train_x16'][held], 'test_y': data['train_y'][held]}
-    row = firmware.measure_model(model_path, work, shown, targets=(sweep['chip'],))[sweep['chip']]
+    row = pipeline.measure_model(model_path, work, shown, targets=(sweep['chip'],))[sweep['chip']]
     return {'flash_bytes': row['flash'], 'instructions': round(row['sim']['mean']), 'fits': row['fits'],
             'stack_bytes': row['sim']['stack'], 'multiplies': not row['nomul']}
 

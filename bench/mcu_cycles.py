@@ -19,10 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'mcu'))
-import firmware  # noqa: E402
+import pipeline  # noqa: E402
 import training  # noqa: E402
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS  # noqa: E402
+from chips import CHIPS  # noqa: E402
 from config import load_config  # noqa: E402
 from dataset import load_dataset  # noqa: E402
 
@@ -51,7 +51,7 @@ def main():
     if unknown:
         sys.exit(f"error: unknown or unexportable types {unknown}; valid: {', '.join(EXPORTABLE_TYPES)}")
     data = load_dataset('MNIST', log=lambda *a: None)
-    targets = ('CH32V003',) if args.quick else tuple(firmware.CHIPS)
+    targets = ('CH32V003',) if args.quick else tuple(CHIPS)
     images = 500 if args.quick else None
     print(f"{'model':34s} {'acc':>6s} {'weights':>7s} {'V003 mean':>9s} {'min':>7s} {'max':>7s} {'vs orig':>7s} "
           f"{'V002 mean':>9s} {'flash':>6s} {'stack':>5s} {'no mul':>6s}")
@@ -59,7 +59,7 @@ def main():
         work = Path(tmp)
         if ORIGINAL.exists():
             for layout in LAYOUTS[:1] if args.quick else LAYOUTS:
-                row = firmware.measure_model(ORIGINAL, work, data, layout, targets, images=images)
+                row = pipeline.measure_model(ORIGINAL, work, data, layout, targets, images=images)
                 report(f"original 4bitsym v0.2, {layout}", row, targets)
             if args.quick:
                 return
@@ -70,7 +70,7 @@ def main():
                                                       'train_x16': data['train_x16'][:3000],
                                                       'train_y': data['train_y'][:3000]}
             path = training.train(load_config(overrides=overrides), data=train_data, log=lambda *a: None)
-            row = firmware.measure_model(path, work, data, LAYOUTS[0], targets, images=images)
+            row = pipeline.measure_model(path, work, data, LAYOUTS[0], targets, images=images)
             report(f"FC 64/64/64 {qtype}, {overrides['num_epochs']} epochs", row, targets)
 
 

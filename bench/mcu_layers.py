@@ -17,9 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'mcu'))
-import chipsim  # noqa: E402
-import firmware  # noqa: E402
+import pipeline  # noqa: E402
+from chips import CHIPS, parse_report  # noqa: E402
+from mcu import chipsim  # noqa: E402
 
 DEFAULT_CH32FUN = ROOT.parent / 'shared' / 'ch32fun' / 'ch32fun'
 
@@ -59,10 +59,10 @@ def profile(elf, target):
         counts[state['site'] or 'outside'] += 1
     chip.uc.hook_add(UC_HOOK_CODE, on_instruction)
     console = chip.run()
-    summary = chipsim.SUMMARY.search(console)
-    if summary is None or int(summary.group(3)):
+    summary = parse_report(console)
+    if summary is None or summary['mismatches']:
         raise SystemExit(f"error: the firmware did not finish cleanly:\n{console[-1000:]}")
-    return counts, int(summary.group(1))
+    return counts, summary['images']
 
 
 def report(counts, images):
@@ -81,7 +81,7 @@ def main():
     source.add_argument('--checkpoint', help='export it, verify it, build its flashed image, profile it')
     source.add_argument('--elf', help='a flashed image built by make firmware')
     source.add_argument('--quick', action='store_true', help="seconds: the original BitNetMCU's 4bitsym checkpoint")
-    parser.add_argument('--target', default='CH32V003', choices=list(firmware.CHIPS))
+    parser.add_argument('--target', default='CH32V003', choices=list(CHIPS))
     parser.add_argument('--ch32fun', default=str(DEFAULT_CH32FUN), help='the ch32fun SDK (default: %(default)s)')
     args = parser.parse_args()
     if args.quick:
@@ -93,11 +93,11 @@ def main():
             if not Path(args.ch32fun).is_dir():
                 sys.exit(f"error: no ch32fun SDK at {args.ch32fun}; pass --ch32fun <clone>/ch32fun")
             work = Path(tmp)
-            firmware.measure_model(args.checkpoint, work, load_dataset('MNIST', log=lambda *a: None), targets=(),
+            pipeline.measure_model(args.checkpoint, work, load_dataset('MNIST', log=lambda *a: None), targets=(),
                                    images=100)
             # Built like the flashed image, except that kernels called once stay functions of their own (LTO
             # would fold them into main, where no call site separates them).
-            out = firmware.make(args.target, work / 'model.h', work / 'test.bin', work / args.target, 'firmware',
+            out = pipeline.make(args.target, work / 'model.h', work / 'test.bin', work / args.target, 'firmware',
                                 f'CH32FUN={Path(args.ch32fun).resolve()}',
                                 'PROFILE_CFLAGS=-fno-inline-functions-called-once')
             if out.returncode:

@@ -21,8 +21,8 @@ from checkpoint import load_checkpoint  # noqa: E402
 from dataset import load_dataset, normalize  # noqa: E402
 from fileio import PROJECT_DIR  # noqa: E402
 from intmodel import encode_input, reference_logits, to_int_model  # noqa: E402
-from exportquant import header_text  # noqa: E402
-from test_inference import build_engine, run_c  # noqa: E402
+from cengine import build_engine, run_c  # noqa: E402
+from modelheader import header_text  # noqa: E402
 
 DEFAULT = PROJECT_DIR.parent / 'shared' / 'original-checkpoints' / 'fc_4bitsym_64_64_64_v02.pth'
 

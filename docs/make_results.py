@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'mcu'))
-import firmware  # noqa: E402
+import pipeline  # noqa: E402
+from chips import CHIPS  # noqa: E402
 from config import load_config, run_name  # noqa: E402
 from dataset import load_dataset  # noqa: E402
 from fileio import atomic_write  # noqa: E402
@@ -52,17 +52,17 @@ def measure(name, data, work):
     checkpoint = ROOT / 'modeldata' / f'{run_name(cfg)}.pth'
     if not checkpoint.exists():
         return None
-    m = firmware.measure_model(checkpoint, work / name, data, header=MODELS / f'{name}.h')
+    m = pipeline.measure_model(checkpoint, work / name, data, header=MODELS / f'{name}.h')
     r = m['verify']
     row = {'name': name, 'float': r['float_acc'], 'python': r['python_acc'], 'c': r['c_acc'],
            'mismatches': r['mismatches'], 'history': training_history(checkpoint), 'epochs': cfg['num_epochs'],
            # weights alone in the original layout: what the original project's sizes count
            'weights': sum(layer.nbytes for layer in pack_model(m['int_model'], 'output-major'))}
-    for target in firmware.CHIPS:
+    for target in CHIPS:
         t = m[target]
         row[target] = {'mean': t['sim']['mean'], 'accuracy': t['sim']['correct'] / t['sim']['images'],
                        'flash': t['flash'], 'stack': t['sim']['stack'], 'fits': t['fits'],
-                       'image': firmware.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
+                       'image': pipeline.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
                                                        work / name / f'{target}-ch32fun', ch32fun_path())}
     return row
 

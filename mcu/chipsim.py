@@ -17,47 +17,19 @@ compares its predictions with the host's (its test data); exit status 1 when any
 is missing, 2 when the emulation stops on an error.
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 
-CHIPS = {   # SRAM bytes, multiply instructions allowed, divide instructions allowed
-    'CH32V003': (2 * 1024, False, False),
-    'CH32V002': (4 * 1024, True, False),
-}
-FLASH, FLASH_ALIAS, FLASH_SIZE, SRAM = 0x00000000, 0x08000000, 16 * 1024, 0x20000000
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the top level: chips.py
+from chips import CHIPS, FirmwareError, check_elf, parse_report  # noqa: E402
+
+FLASH, FLASH_ALIAS, SRAM = 0x00000000, 0x08000000, 0x20000000
 PAGE = 0x1000
 MAX_INSTRUCTIONS = 50_000_000
-SUMMARY = re.compile(r'images (\d+) correct (\d+) mismatches (\d+)\n\w+ per inference: total (\d+) min (\d+) max (\d+)')
 
 
-class ChipError(RuntimeError):
+class ChipError(FirmwareError):
     """The firmware did something the chip would not survive; the message names the PC and the address."""
-
-
-EM_RISCV = 243
-
-
-def check_elf(path):
-    """Refuse, before anything runs it, a file that is not a 32-bit little-endian RISC-V ELF executable (a text
-    file, an x86 build, an empty or cut-short file); the message names what it is and the cure."""
-    path = Path(path)
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(20)
-    except FileNotFoundError:
-        raise ChipError(f"{path} is missing: build the firmware first (make -C mcu)") from None
-    except IsADirectoryError:
-        raise ChipError(f"{path} is a directory; give the firmware's .elf file") from None
-    except OSError as e:
-        raise ChipError(f"{path} cannot be read: {e.strerror}") from None
-    if not head.startswith(b'\x7fELF') or len(head) < 20:
-        what = 'empty' if not head else 'cut short' if head.startswith(b'\x7fELF') else 'no ELF magic'
-        raise ChipError(f"{path} is not an ELF file ({what}); give the firmware's .elf (make -C mcu builds it)")
-    machine = int.from_bytes(head[18:20], 'little' if head[5] == 1 else 'big')
-    if head[4] != 1 or head[5] != 1 or machine != EM_RISCV:
-        raise ChipError(f"{path} is an ELF for machine {machine} ({'32' if head[4] == 1 else '64'}-bit), not a 32-bit "
-                        f"RISC-V one (machine {EM_RISCV}); give the firmware built by make -C mcu")
 
 
 def m_extension(word):
@@ -71,7 +43,8 @@ class Chip:
     def __init__(self, elf, target):
         from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc
         check_elf(elf)
-        self.sram_size, self.may_mul, self.may_div = CHIPS[target]
+        spec = CHIPS[target]
+        self.flash_size, self.sram_size, self.may_mul, self.may_div = spec.flash, spec.ram, spec.multiplier, spec.divider
         self.target, self.uc = target, Uc(UC_ARCH_RISCV, UC_MODE_RISCV32)
         self.console, self.instructions, self.pc, self.error = [], 0, 0, None
         self.lowest_sp, self.checked, self.last, self.repeats = SRAM + self.sram_size, {}, None, 0
@@ -84,7 +57,7 @@ class Chip:
     def _load(self, elf):
         from elftools.elf.elffile import ELFFile
         from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
-        image = bytearray(FLASH_SIZE)
+        image = bytearray(self.flash_size)
         with open(elf, 'rb') as f:
             elffile = ELFFile(f)
             self.entry = elffile.header['e_entry']
@@ -92,15 +65,15 @@ class Chip:
                 if segment['p_type'] != 'PT_LOAD' or not segment['p_filesz']:
                     continue
                 address = segment['p_paddr']
-                if not (FLASH <= address and address + segment['p_filesz'] <= FLASH + FLASH_SIZE):
+                if not (FLASH <= address and address + segment['p_filesz'] <= FLASH + self.flash_size):
                     raise ChipError(f"{elf}: a segment at {address:#x} ({segment['p_filesz']} bytes) is not in the "
-                                    f"{FLASH_SIZE}-byte flash")
+                                    f"{self.flash_size}-byte flash")
                 image[address:address + segment['p_filesz']] = segment.data()
             symbols = elffile.get_section_by_name('.symtab')
             ends = [s for s in symbols.iter_symbols() if s.name in ('_ebss', '__bss_end')] if symbols else []
             self.static_end = ends[0]['st_value'] if ends else SRAM
         for base in (FLASH, FLASH_ALIAS):
-            self.uc.mem_map(base, FLASH_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+            self.uc.mem_map(base, self.flash_size, UC_PROT_READ | UC_PROT_EXEC)
             self.uc.mem_write(base, bytes(image))
         self.uc.mem_map(SRAM, max(self.sram_size, PAGE), UC_PROT_ALL)   # pages are 4 KB; 2 KB is checked below
 
@@ -160,8 +133,8 @@ class Chip:
         self.uc.hook_add(UC_HOOK_CODE, self._on_instruction)
         self.uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
                          self._on_unmapped)
-        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_flash_write, begin=FLASH, end=FLASH + FLASH_SIZE - 1)
-        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_flash_write, begin=FLASH_ALIAS, end=FLASH_ALIAS + FLASH_SIZE - 1)
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_flash_write, begin=FLASH, end=FLASH + self.flash_size - 1)
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_flash_write, begin=FLASH_ALIAS, end=FLASH_ALIAS + self.flash_size - 1)
         if self.sram_size < PAGE:
             self.uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._on_past_sram,
                              begin=SRAM + self.sram_size, end=SRAM + PAGE - 1)
@@ -213,7 +186,7 @@ class Chip:
     def run(self):
         from unicorn import UcError
         try:
-            self.uc.emu_start(self.entry, FLASH + FLASH_SIZE)
+            self.uc.emu_start(self.entry, FLASH + self.flash_size)
         except UcError as e:
             if self.error is None:
                 self.error = f"pc {self.pc:#010x}: {e}"
@@ -234,19 +207,19 @@ def main(argv=None):
     try:
         chip = Chip(args.elf, args.target)   # checks the ELF first
         console = chip.run()
-    except ChipError as e:
+    except FirmwareError as e:
         print(f"error: {args.target} (emulated chip, {Path(args.elf).name}): {e}", file=sys.stderr)
         return 2
     print(console, end='' if console.endswith('\n') else '\n')
-    summary = SUMMARY.search(console)
+    report = parse_report(console)
     print(f"{args.target} (emulated chip, the flashed image): {chip.instructions} instructions in all, peak stack "
           f"{chip.stack_bytes} of {chip.sram_size} bytes of SRAM"
-          + (f", {int(summary.group(4)) / max(int(summary.group(1)), 1):.0f} instructions per inference" if summary else ''))
-    if summary is None:
+          + (f", {report['mean']:.0f} instructions per inference" if report else ''))
+    if report is None:
         print("error: the firmware printed no summary", file=sys.stderr)
         return 1
-    if int(summary.group(3)):
-        print(f"error: {summary.group(3)} predictions differ from the host's", file=sys.stderr)
+    if report['mismatches']:
+        print(f"error: {report['mismatches']} predictions differ from the host's", file=sys.stderr)
         return 1
     return 0
 

@@ -6,7 +6,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'mcu'))
 SHARED = ROOT.parent / 'shared' / 'original-checkpoints'
 # Float results (a float model's accuracy) differ between CPUs; they are compared in whole images, this far apart
 FLOAT_TOLERANCE_IMAGES = 3

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import cengine
 import exportquant
-import firmware
+import modelheader
+import pipeline
 import test_inference
 import training
 from checkpoint import load_checkpoint
@@ -218,8 +220,8 @@ def test_a_header_of_another_engine_format_stops_the_build(trained, tmp_path, sm
 
     text = header.read_text()
     assert all(result.returncode == 0 for result in build(text))
-    other_engine = engine.replace(f'#define BITNETMCU_ENGINE_FORMAT {exportquant.HEADER_FORMAT}\n',
-                                  f'#define BITNETMCU_ENGINE_FORMAT {exportquant.HEADER_FORMAT + 1}\n')
+    other_engine = engine.replace(f'#define BITNETMCU_ENGINE_FORMAT {modelheader.HEADER_FORMAT}\n',
+                                  f'#define BITNETMCU_ENGINE_FORMAT {modelheader.HEADER_FORMAT + 1}\n')
     assert other_engine != engine
     for result in build(text, other_engine):
         assert result.returncode != 0 and 'BitNetMCU_inference.h reads another: export the model again' in result.stderr
@@ -275,8 +277,8 @@ def test_broken_weights_or_scales_name_the_layer_and_write_nothing(trained, tmp_
 
 def test_float_integer_disagreement_refuses_unless_forced(trained, tmp_path, capsys, monkeypatch, small_mnist):
     # An integer path that has gone wrong: its predictions no longer follow the trained model's.
-    real = exportquant.reference_logits
-    monkeypatch.setattr(exportquant, 'reference_logits', lambda m, x: np.roll(real(m, x), 1, axis=1))
+    real = pipeline.reference_logits
+    monkeypatch.setattr(pipeline, 'reference_logits', lambda m, x: np.roll(real(m, x), 1, axis=1))
     monkeypatch.setattr(exportquant, 'load_dataset', lambda name: small_mnist)
     header = tmp_path / 'model.h'
     header.write_text('previous header\n')
@@ -446,7 +448,7 @@ def test_missing_c_compiler_is_named(trained, tmp_path, capsys, monkeypatch, sma
     header.write_text(header.read_text() + '/* not built before: no cached engine */\n')
     monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
     with pytest.raises(ExportError, match="no C compiler '.*no-such-cc': install gcc"):
-        test_inference.build_engine(header, log=lambda *a: None)
+        cengine.build_engine(header, log=lambda *a: None)
 
 
 @pytest.mark.slow
@@ -473,12 +475,12 @@ def test_firmware_of_a_model_that_does_not_fit_says_by_how_much(small_mnist, mni
     path = training.train(load_config(overrides={**FAST, 'QuantType': '8bit', 'network_width1': 64,
                                                  'network_width2': 64, 'network_width3': 64}),
                           data=small_mnist, log=lambda *a: None)
-    firmware.measure_model(path, tmp_path, mnist, targets=(), images=50)
-    run = firmware.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim', 'size')
+    pipeline.measure_model(path, tmp_path, mnist, targets=(), images=50)
+    run = pipeline.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim', 'size')
     assert 'note: this model does not fit the CH32V003: flash' in run.stdout
     assert run.returncode != 0 and 'DOES NOT FIT: flash' in run.stdout and 'bytes over its 16384' in run.stdout
     blob = bytearray((tmp_path / 'test.bin').read_bytes())
     blob[16:20] = (header_fingerprint(tmp_path / 'model.h') ^ 1).to_bytes(4, 'little')   # made for another header
     (tmp_path / 'test.bin').write_bytes(bytes(blob))
-    run = firmware.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim')
+    run = pipeline.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim')
     assert run.returncode != 0 and 'was made for another model header' in run.stderr

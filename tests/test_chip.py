@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-import chipsim
-import firmware
+import pipeline
 from conftest import ROOT, original_checkpoint
+from mcu import chipsim
 from test_export import short_training
 
 SHARED_CH32FUN = ROOT.parent / 'shared' / 'ch32fun' / 'ch32fun'
@@ -88,19 +88,19 @@ def test_sram_beyond_2k_exists_on_the_ch32v002(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def make(tmp_path, target, header, blob, *goals):
-    return firmware.make(target, header, blob, tmp_path / target, *goals, f'CH32FUN={ch32fun()}')
+    return pipeline.make(target, header, blob, tmp_path / target, *goals, f'CH32FUN={ch32fun()}')
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
 def test_flashed_image_fits_and_runs_on_the_emulated_chip(mnist, tmp_path, target):
     ch32fun()
-    firmware.measure_model(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist, targets=())
+    pipeline.measure_model(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist, targets=())
     run_ = make(tmp_path, target, tmp_path / 'model.h', tmp_path / 'test.bin', 'firmware', 'chip-sim')
     assert run_.returncode == 0, run_.stdout[-3000:] + run_.stderr[-3000:]
     assert 'images 3 correct 3 mismatches 0' in run_.stdout
     assert f'{target} (emulated chip, the flashed image)' in run_.stdout
-    flash, ram = firmware.section_sizes(tmp_path / target / 'firmware.elf')
+    flash, ram = pipeline.section_sizes(tmp_path / target / 'firmware.elf')
     assert flash == (tmp_path / target / 'firmware.bin').stat().st_size     # the bytes minichlink writes
     if target == 'CH32V003':
         assert flash <= 15000                                                 # room left for a user's code
@@ -112,7 +112,7 @@ def test_flashed_image_fits_and_runs_on_the_emulated_chip(mnist, tmp_path, targe
 @pytest.mark.slow
 def test_wrong_predictions_on_the_chip_fail_chip_sim(mnist, tmp_path):
     ch32fun()
-    firmware.measure_model(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist, targets=(),
+    pipeline.measure_model(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist, targets=(),
                            images=5)
     blob = tmp_path / 'test.bin'
     data = bytearray(blob.read_bytes())
@@ -128,7 +128,7 @@ def test_an_image_that_does_not_fit_fails_with_one_line(small_mnist, mnist, run_
     ch32fun()
     path = short_training(small_mnist, run_dirs, QuantType='8bit', fc1_QuantType='8bit', network_width1=64,
                           network_width2=64, network_width3=64)
-    firmware.measure_model(path, tmp_path, mnist, targets=(), images=20)
+    pipeline.measure_model(path, tmp_path, mnist, targets=(), images=20)
     run_ = make(tmp_path, 'CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', 'firmware')
     assert run_.returncode != 0
     assert run_.stderr.count('does not fit') == 1 and 'CH32V003: the image does not fit: flash' in run_.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import exportquant
+import pipeline
 import test_inference
 import training
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
@@ -55,7 +56,7 @@ def test_every_type_exports_compiles_and_matches_on_10000_images(small_mnist, mn
     assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
     net, _, _ = load_checkpoint(path)
     int_model = to_int_model(net)
-    result = test_inference.verify(net, int_model, header, mnist, log=lambda *a: None)
+    result = pipeline.verify(net, int_model, header, mnist, log=lambda *a: None)
     assert result['n'] == 10000 and result['mismatches'] == 0
     assert result['c_acc'] == result['python_acc'] > 0.2            # learned something (chance: 0.1)
     # The integer model is the trained model: only rounding in the activations may move a few images.
@@ -78,14 +79,14 @@ def test_int8_activation_cnn_exports_and_matches_on_10000_images(small_mnist, mn
     assert f'BitNetMCU_qconv3x3_{conv_type}(' in header.read_text()
     net, _, _ = load_checkpoint(path)
     int_model = to_int_model(net)
-    result = test_inference.verify(net, int_model, header, mnist, log=lambda *a: None)
+    result = pipeline.verify(net, int_model, header, mnist, log=lambda *a: None)
     assert result['n'] == 10000 and result['mismatches'] == 0 and result['c_acc'] > 0.2
     # The float model's features (the input of the first linear layer) are the integer model's, exactly.
     images = torch.from_numpy(result['images'][:500]).float()   # int8 with max|x| = 127: InputQuant keeps them
     flatten = next(i for i, m in enumerate(net.layers) if isinstance(m, torch.nn.Flatten))
     with torch.no_grad():
         features = net.eval().layers[:flatten + 1](images.view(-1, 1, 16, 16))
-    stack = [op for op in int_model.ops if op.kind in ('qconv', 'maxpool')]
+    stack = [op for op in int_model.ops if op.kind.per_channel]
     expected = reference_logits(type(int_model)(stack, int_model.num_classes), result['images'][:500])
     assert np.array_equal(features.numpy().reshape(500, -1), expected.reshape(500, -1))
 
@@ -106,7 +107,7 @@ def test_original_checkpoints_reproduce_their_accuracy(mnist, tmp_path, name, ex
     assert (cfg['model'], cfg['network_width1'], cfg['network_width3']) == ('FCMNIST', 64, 64)
     header = tmp_path / 'model.h'
     assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
-    result = test_inference.verify(model, to_int_model(model), header, mnist, log=lambda *a: None)
+    result = pipeline.verify(model, to_int_model(model), header, mnist, log=lambda *a: None)
     assert result['mismatches'] == 0
     assert abs(result['c_acc'] - expected) <= 0.0005
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+import cengine
 import exportquant
-import firmware
 import sweep
 import test_inference
 import testdata
@@ -367,7 +367,7 @@ def test_resuming_a_keep_best_run_whose_best_epoch_is_gone_is_refused_at_once(ru
 # 7. The compiled engine cache
 # ------------------------------------------------------------------------------------------------
 
-BUILD_ONE = ("import sys; from pathlib import Path; import test_inference as t; t.BUILD_DIR = Path(sys.argv[1]); "
+BUILD_ONE = ("import sys; from pathlib import Path; import cengine as t; t.BUILD_DIR = Path(sys.argv[1]); "
              "ffi, lib = t.build_engine(log=lambda *a: None); print('ok')")
 
 
@@ -383,7 +383,7 @@ def test_engines_built_at_once_and_a_cut_cache_never_crash(tmp_path):
     library.write_bytes(library.read_bytes()[:5000])   # a disk that filled up, a killed copy
     out = run(PY, '-c', BUILD_ONE, cache)
     assert out.returncode == 0 and out.stdout == 'ok\n', out.stderr
-    assert test_inference.intact(library)
+    assert cengine.intact(library)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
-from intmodel import (ExportError, IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3,
+from cengine import build_engine
+from intmodel import (FC, ExportError, IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3,
                       shiftnorm_relu)
-from test_inference import build_engine
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
 settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
@@ -49,7 +49,7 @@ def fc_cases(draw):
 def test_fc_matches_python_for_every_type_and_layout(engine, case, layout, zero):
     ffi, lib = engine
     qtype, weights, x = case
-    layer = pack_fc(IntOp('fc', qtype, weights), layout, skip_background=True)
+    layer = pack_fc(IntOp(FC, qtype, weights), layout, skip_background=True)
     packed = np.ascontiguousarray(layer.words)
     out = np.full(layer.outputs, 12345, np.int32)
     extra = []

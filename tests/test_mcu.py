@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-import firmware
+import pipeline
+from chips import CHIPS
 from conftest import ROOT, original_checkpoint
 from test_export import short_training
 from testdata import BLOB_HEADER_BYTES
@@ -17,12 +18,12 @@ MCU = ROOT / 'mcu'
 
 def export_with_test_data(checkpoint, tmp_path, data):
     """Header and test-data blob of a checkpoint, as `make` produces them (C == Python checked on the way)."""
-    result = firmware.measure_model(checkpoint, tmp_path, data, targets=())
+    result = pipeline.measure_model(checkpoint, tmp_path, data, targets=())
     return tmp_path / 'model.h', tmp_path / 'test.bin', result['verify']
 
 
 def make(tmp_path, target, header, blob, *goals):
-    return firmware.make(target, header, blob, tmp_path / target, *goals)
+    return pipeline.make(target, header, blob, tmp_path / target, *goals)
 
 
 @pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
@@ -107,9 +108,9 @@ def test_blob_of_another_format_or_header_is_refused_by_the_firmware_itself(mnis
     data = bytearray(blob.read_bytes())
     data[offset] ^= 0x0C                             # another version, or data made for another header
     blob.write_bytes(bytes(data))
-    run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', firmware.CHIPS['CH32V003'][2],
+    run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS['CH32V003'].qemu_cpu,
                           '-nographic', '-kernel', str(tmp_path / 'CH32V003' / 'sim.elf'), '-device',
-                          f'loader,file={blob},addr={firmware.TESTSET_ADDR:#x},force-raw=on'],
+                          f'loader,file={blob},addr={pipeline.TESTSET_ADDR:#x},force-raw=on'],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0, what
     assert 'not a version-2 BitNetMCU blob made for this model header; run test_inference.py' in run.stdout

@@ -11,8 +11,8 @@ import torch
 
 from BitNetMCU import QUANT_TYPES
 from conftest import ROOT
+from cengine import build_engine
 from intmodel import maxpool2, pack_qconv, qconv3x3
-from test_inference import build_engine
 
 RAM, CODE = 0x20000000, 0x0
 INPUT, OUTPUT, WEIGHTS, EXTENT = RAM + 0x100, RAM + 0x400, RAM + 0x700, RAM + 0x780

@@ -376,8 +376,7 @@ def _write_metrics(run_dir, val, test):
 
 
 def test_compare_runs_ranks_by_validation_alone(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / 'docs'))
-    import compare_runs
+    from docs import compare_runs
     # b has the best test accuracy, a the best validation accuracy: a ranks first.
     _write_metrics(tmp_path / 'a', [0.98, 0.991, 0.990], [0.97, 0.980, 0.990])
     _write_metrics(tmp_path / 'b', [0.98, 0.989, 0.989], [0.99, 0.995, 0.996])
@@ -389,8 +388,7 @@ def test_compare_runs_ranks_by_validation_alone(tmp_path, capsys):
 
 
 def test_compare_runs_groups_the_seeds_of_a_variant(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / 'docs'))
-    import compare_runs
+    from docs import compare_runs
     _write_metrics(tmp_path / 'xs1', [0.990, 0.992], [0.991, 0.993])   # kept 99.2 %, test there 99.3 %
     _write_metrics(tmp_path / 'xs2', [0.990, 0.988], [0.995, 0.990])   # kept 99.0 %, test there 99.5 %
     _write_metrics(tmp_path / 'ys1', [0.993, 0.993], [0.992, 0.999])   # equal: the earliest, test 99.2 %
@@ -409,8 +407,7 @@ def test_compare_runs_groups_the_seeds_of_a_variant(tmp_path, capsys):
 
 
 def test_compare_runs_refuses_a_run_without_validation(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / 'docs'))
-    import compare_runs
+    from docs import compare_runs
     (tmp_path / 'r').mkdir()
     (tmp_path / 'r' / 'metrics.csv').write_text('epoch,test_acc\n1,0.9\n')
     assert compare_runs.main([str(tmp_path / 'r')]) == 2

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-import test_inference
+import pipeline
 from checkpoint import load_checkpoint
 from config import load_config, run_name
 from conftest import FLOAT_TOLERANCE_IMAGES, ROOT, images_apart
-from exportquant import header_layout, header_text
 from intmodel import to_int_model
+from modelheader import header_layout, header_text
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
 
@@ -29,7 +29,7 @@ def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
     text = header.read_text()
     assert header_layout(text) == 'input-major' and text == header_text(int_model, checkpoint.name), \
         f"{header} is stale: python docs/make_results.py"
-    result = test_inference.verify(model, int_model, Path(header), mnist, log=lambda *a: None)
+    result = pipeline.verify(model, int_model, Path(header), mnist, log=lambda *a: None)
     assert result['n'] == 10000 and result['mismatches'] == 0
     # The float model against the checkpoint's own record: float arithmetic differs between CPUs (one image
     # here, seen), so the two are compared in whole images with a tolerance, never as equal floats.
