@@ -3,9 +3,16 @@
  * reference in intmodel.py computes exactly the same integers (tests compare them logit by logit).
  */
 #include "BitNetMCU_inference.h"
+#include "BitNetMCU_lanes.h"
+
+#include <stddef.h>
 
 const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
                                          10, 20, 31, 43, 56, 71, 92, 127};
+
+/* ------------------------------------------------------------------------------------------------
+ * Fully connected layers: the weight types' products, both layouts
+ * ------------------------------------------------------------------------------------------------ */
 
 /* The packed types. The generic kernels below are inlined into one function per type with a
  * constant type, so every switch on it folds away: a model links only the code of its own types
@@ -260,6 +267,10 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)
     }
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * ShiftNorm, convolutions on int32 planes, pooling, argmax
+ * ------------------------------------------------------------------------------------------------ */
+
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)
 {
     int32_t max = input[0];
@@ -322,7 +333,7 @@ uint32_t BitNetMCU_argmax(const int32_t *values, uint32_t n)
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Convolutions with int8 activations
+ * Convolutions with int8 activations: the plane, the weights, requantization, any weights per tap
  * ------------------------------------------------------------------------------------------------ */
 
 int32_t BitNetMCU_unsigned_image(const int8_t *image, uint8_t *plane, uint32_t n)
@@ -389,15 +400,21 @@ static void conv_weights(const uint8_t *input, int32_t bias, uint32_t size, cons
     }
 }
 
-/* One channel's lane convolution. The RV32E assembly below reads it by these offsets (in bytes: r 0, size 36,
- * lane 40, shift 44, bias 48, mask 52, fill 56). */
-struct lanes {
-    uint32_t r[9];            /* e - low, or lane + e - low for a negative weight (see fp130_setup) */
-    uint32_t size, lane, shift;
-    int32_t bias;
-    uint32_t mask;            /* the low lane: (1 << lane) - 1 */
-    uint32_t fill;            /* every output outside the extent */
-};
+/* ------------------------------------------------------------------------------------------------
+ * FP130 convolutions in two lanes of a register (the RV32E assembly or the same in C)
+ * ------------------------------------------------------------------------------------------------ */
+
+/* One channel's lane convolution: struct lanes (BitNetMCU_lanes.h). The RV32E assembly reads it by the offsets
+ * defined there; a struct that no longer matches them stops the build here. */
+#define BITNETMCU_LANES_OFFSET(field, offset) \
+    typedef char bitnetmcu_lanes_##field##_at_##offset[offsetof(struct lanes, field) == (offset) ? 1 : -1]
+BITNETMCU_LANES_OFFSET(r, LANES_R);
+BITNETMCU_LANES_OFFSET(size, LANES_SIZE);
+BITNETMCU_LANES_OFFSET(lane, LANES_LANE);
+BITNETMCU_LANES_OFFSET(shift, LANES_SHIFT);
+BITNETMCU_LANES_OFFSET(bias, LANES_BIAS);
+BITNETMCU_LANES_OFFSET(mask, LANES_MASK);
+BITNETMCU_LANES_OFFSET(fill, LANES_FILL);
 
 /* FP130 where the lanes do not fit: per weight a shift, and an add or a subtract (r: the shift amounts of
  * fp130_setup, a negative weight's `high` further). Computes every output.
@@ -444,277 +461,11 @@ static void fill_plane(uint8_t *p, uint32_t n, uint32_t value)
 }
 
 #if defined(__riscv) && __riscv_xlen == 32 && !defined(BITNETMCU_NO_ASM)
-/* The lane convolution in RV32E assembly, for the planes of the 16x16 models (16, 14 and 6 wide: the plane size is
- * in the load offsets of a lane loop, one per size). Compiled C keeps at most 12 values in registers, and the lane
- * loop needs 13: p, acc, the sum, the loaded pixel and the nine shift amounts; so between rows the convolution's
- * state lives in its stack frame, where the lane loops find it too. Only the assembly uses tp, which no bare-metal
- * code (interrupt handlers included) uses; it is saved with ra, s0 and s1. The frame, by offset:
- *     0 s0, s1, ra, tp   16 end of p   20 the lane loop's return   24 c   28 input row   32 output row
- *    36 extent (0: none)   40 rows left   44 the lane loop   48, 52 the input and output rows' steps   56 lo
- *    60 hi (without pooling: the output row + hi)   64 the lane sums of row y   120 of row y + 1
- *   176 the first input of a second row (0: none)
- * A lane loop (a0 = p, a1 = c, a2 = the lane sums, a3 = n > 0) writes the n lane sums of one row and leaves a2 past
- * them; with a second row (pooling, so n is even) it goes on with the same columns there, into the lane sums of row
- * y + 1 (one call per pair of rows, the nine shift amounts loaded once). It keeps only sp and the frame. Unrolled by
- * two, entered in its second half when n is odd: 29 instructions an output. Without pooling the plane holds the fill
- * already (or every output is computed). */
+/* The lane convolution in RV32E assembly: BitNetMCU_lanes_rv32e.S (its frame and lane loops are described there). */
 typedef void lane_loop_fn(void);   /* not callable from C */
 extern lane_loop_fn bitnetmcu_lane_loop16, bitnetmcu_lane_loop14, bitnetmcu_lane_loop6;
 void bitnetmcu_fp130_lanes(const uint8_t *input, const struct lanes *c, uint8_t *output, const uint8_t *extent,
                            uint32_t pool, lane_loop_fn *loop);
-__asm__(
-    ".macro BITNETMCU_LANE_SUM size, at\n"   /* a4 = the lane sum of the output at p + at */
-    "    lbu a4, \\at(a0)\n              sll a4, a4, t0\n"
-    "    lbu a5, \\at+1(a0)\n            sll a5, a5, t1\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2(a0)\n            sll a5, a5, t2\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size(a0)\n        sll a5, a5, s0\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size+1(a0)\n      sll a5, a5, s1\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+\\size+2(a0)\n      sll a5, a5, ra\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size(a0)\n      sll a5, a5, tp\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size+1(a0)\n    sll a5, a5, a3\n  add a4, a4, a5\n"
-    "    lbu a5, \\at+2*\\size+2(a0)\n    sll a5, a5, a1\n  add a4, a4, a5\n"
-    ".endm\n"
-    ".macro BITNETMCU_LANE_LOOP name, size\n"
-    "    .pushsection .text.\\name, \"ax\", @progbits\n"
-    "    .globl \\name\n"
-    "    .type \\name, @function\n"
-    "    .p2align 1\n"
-    "\\name:\n"
-    "    sw ra, 20(sp)\n"
-    "    add a5, a0, a3\n"
-    "    sw a5, 16(sp)\n"                       /* the end of p */
-    "    andi a5, a3, 1\n"
-    "    lw t0, 0(a1)\n    lw t1, 4(a1)\n    lw t2, 8(a1)\n    lw s0, 12(a1)\n    lw s1, 16(a1)\n"
-    "    lw ra, 20(a1)\n    lw tp, 24(a1)\n    lw a3, 28(a1)\n    lw a1, 32(a1)\n"
-    "    beqz a5, 1f\n"
-    "    addi a0, a0, -1\n"                     /* odd n: the first output is the second half's */
-    "    addi a2, a2, -4\n"
-    "    j 2f\n"
-    "1:\n"
-    "    BITNETMCU_LANE_SUM \\size, 0\n"
-    "    sw a4, 0(a2)\n"
-    "2:\n"
-    "    BITNETMCU_LANE_SUM \\size, 1\n"
-    "    sw a4, 4(a2)\n"
-    "    addi a0, a0, 2\n"
-    "    addi a2, a2, 8\n"
-    "    lw a5, 16(sp)\n"
-    "    bne a0, a5, 1b\n"
-    "    lw a4, 176(sp)\n"                     /* the second row's first input, or 0 */
-    "    bnez a4, 3f\n"
-    "    lw ra, 20(sp)\n"
-    "    ret\n"
-    "3:\n"                                     /* the same columns of the next row, into the second row of sums */
-    "    sw zero, 176(sp)\n"
-    "    mv a0, a4\n"
-    "    addi a5, a5, \\size\n"
-    "    sw a5, 16(sp)\n"
-    "    addi a2, sp, 120\n"
-    "    j 1b\n"
-    "    .size \\name, . - \\name\n"
-    "    .popsection\n"
-    ".endm\n"
-    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop16, 16\n"
-    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop14, 14\n"
-    "BITNETMCU_LANE_LOOP bitnetmcu_lane_loop6, 6\n"
-    /* The requantized lane value of a5 (its lanes already subtracted): a4 = clamp((a5 + bias) >> shift, 0, 127). */
-    ".macro BITNETMCU_REQUANTIZE\n"
-    "    add a5, a5, t2\n"
-    "    sra a4, a5, t1\n"
-    "    bgeu s1, a4, 9f\n"
-    "    srai a4, a5, 31\n"                     /* out of range: 0 below, 127 above */
-    "    not a4, a4\n"
-    "    andi a4, a4, 127\n"
-    "9:\n"
-    ".endm\n"
-    /* a5 = the lane value of the lane sum at `at`(a2): low lane minus high lane (clobbers a4). */
-    ".macro BITNETMCU_LANE_VALUE at\n"
-    "    lw a4, \\at(a2)\n"
-    "    and a5, a4, s0\n"
-    "    srl a4, a4, t0\n"
-    "    sub a5, a5, a4\n"
-    ".endm\n"
-    /* The lane sums of the row at the input row, columns [lo, hi) = [t1, t2), into the first row of lane sums. */
-    ".macro BITNETMCU_FIRST_ROW\n"
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, t1\n"
-    "    sub a3, t2, t1\n"
-    "    lw a1, 24(sp)\n"
-    "    addi a2, sp, 64\n"
-    "    lw a5, 44(sp)\n"
-    "    jalr a5\n"
-    ".endm\n"
-    /* The next output row (with pooling: pair of input rows), back to `loop` while rows are left. */
-    ".macro BITNETMCU_NEXT loop\n"
-    "    lw a0, 28(sp)\n    lw a5, 48(sp)\n    add a0, a0, a5\n    sw a0, 28(sp)\n"
-    "    lw a2, 32(sp)\n    lw a5, 52(sp)\n    add a2, a2, a5\n    sw a2, 32(sp)\n"
-    "    lw t0, 40(sp)\n"
-    "    addi t0, t0, -1\n"
-    "    sw t0, 40(sp)\n"
-    "    bnez t0, \\loop\n"
-    ".endm\n"
-    /* After a row's lane loops: t0 lane, t1 shift, t2 bias, s0 mask, s1 127. */
-    ".macro BITNETMCU_REQUANTIZE_CONSTANTS\n"
-    "    lw a1, 24(sp)\n"
-    "    lw t0, 40(a1)\n    lw t1, 44(a1)\n    lw t2, 48(a1)\n    lw s0, 52(a1)\n"
-    "    li s1, 127\n"
-    ".endm\n"
-    "    .pushsection .text.bitnetmcu_fp130_lanes, \"ax\", @progbits\n"
-    "    .globl bitnetmcu_fp130_lanes\n"
-    "    .type bitnetmcu_fp130_lanes, @function\n"
-    "    .p2align 1\n"
-    "bitnetmcu_fp130_lanes:\n"
-    "    addi sp, sp, -180\n"
-    "    sw s0, 0(sp)\n    sw s1, 4(sp)\n    sw ra, 8(sp)\n    sw tp, 12(sp)\n    sw zero, 176(sp)\n"
-    "    sw a1, 24(sp)\n    sw a0, 28(sp)\n    sw a2, 32(sp)\n    sw a3, 36(sp)\n    sw a5, 44(sp)\n"
-    "    lw t0, 36(a1)\n"                       /* size */
-    "    addi t1, t0, -2\n"                     /* the output rows and columns */
-    "    bnez a4, .Lbitnetmcu_pool\n"
-    "    sw t0, 48(sp)\n    sw t1, 52(sp)\n    sw t1, 40(sp)\n"
-    ".Lbitnetmcu_row:\n"                        /* one output row: its columns [lo, hi) in t1, t2 */
-    "    lw a3, 36(sp)\n"
-    "    li t1, 0\n"
-    "    lw t2, 52(sp)\n"
-    "    beqz a3, 1f\n"
-    "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n"
-    "    addi a3, a3, 2\n"
-    "    sw a3, 36(sp)\n"
-    "    bgeu t1, t2, .Lbitnetmcu_next_row\n"  /* nothing to compute: the plane holds the fill */
-    "1:\n"
-    "    lw a5, 32(sp)\n"
-    "    add a5, a5, t2\n"
-    "    sw a5, 60(sp)\n"                       /* the output row + hi */
-    "    BITNETMCU_FIRST_ROW\n"                 /* leaves a2 past the last lane sum */
-    "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
-    "    lw a0, 60(sp)\n"
-    "    addi a3, sp, 64\n"                    /* backwards, from the last output, by twos */
-    "    sub a5, a2, a3\n"
-    "    andi a5, a5, 4\n"
-    "    beqz a5, 2f\n"
-    "    addi a2, a2, -4\n"                    /* odd n: the last output alone */
-    "    BITNETMCU_LANE_VALUE 0\n"
-    "    BITNETMCU_REQUANTIZE\n"
-    "    addi a0, a0, -1\n"
-    "    sb a4, 0(a0)\n"
-    "    beq a2, a3, .Lbitnetmcu_next_row\n"
-    "2:\n"
-    "    addi a2, a2, -8\n"
-    "    BITNETMCU_LANE_VALUE 4\n"
-    "    BITNETMCU_REQUANTIZE\n"
-    "    sb a4, -1(a0)\n"
-    "    BITNETMCU_LANE_VALUE 0\n"
-    "    BITNETMCU_REQUANTIZE\n"
-    "    addi a0, a0, -2\n"
-    "    sb a4, 0(a0)\n"
-    "    bne a2, a3, 2b\n"
-    ".Lbitnetmcu_next_row:\n"
-    "    BITNETMCU_NEXT .Lbitnetmcu_row\n"
-    "    j .Lbitnetmcu_return\n"
-    ".Lbitnetmcu_pool:\n"                       /* 2x2 max pooling: two rows of lane sums per output row */
-    "    add t0, t0, t0\n"
-    "    srli t1, t1, 1\n"
-    "    sw t0, 48(sp)\n    sw t1, 52(sp)\n    sw t1, 40(sp)\n"
-    ".Lbitnetmcu_pair:\n"                       /* the union of the rows' extents, to whole pairs of columns */
-    "    lw a3, 36(sp)\n"
-    "    li t1, 0\n"
-    "    lw t2, 52(sp)\n"
-    "    add t2, t2, t2\n"
-    "    beqz a3, 5f\n"
-    "    lbu t1, 0(a3)\n    lbu t2, 1(a3)\n    lbu a4, 2(a3)\n    lbu a5, 3(a3)\n"
-    "    addi a3, a3, 4\n"
-    "    sw a3, 36(sp)\n"
-    "    bltu t1, t2, 1f\n"
-    "    mv t1, a4\n"                           /* row y is empty: row y + 1's */
-    "    mv t2, a5\n"
-    "    j 3f\n"
-    "1:\n"
-    "    bgeu a4, a5, 3f\n"                     /* row y + 1 is empty: row y's */
-    "    bgeu a4, t1, 2f\n"
-    "    mv t1, a4\n"
-    "2:\n"
-    "    bgeu t2, a5, 3f\n"
-    "    mv t2, a5\n"
-    "3:\n"
-    "    bltu t1, t2, 4f\n"
-    "    li t1, 0\n"                            /* nothing to compute */
-    "    li t2, 0\n"
-    "    j .Lbitnetmcu_fills\n"
-    "4:\n"
-    "    andi t1, t1, -2\n"
-    "    addi t2, t2, 1\n"
-    "    andi t2, t2, -2\n"
-    "5:\n"
-    "    sw t1, 56(sp)\n    sw t2, 60(sp)\n"
-    "    lw a0, 28(sp)\n"
-    "    add a0, a0, t1\n"
-    "    lw a1, 24(sp)\n"
-    "    lw a5, 36(a1)\n"
-    "    add a5, a0, a5\n"
-    "    sw a5, 176(sp)\n"                     /* row y + 1 in the same call */
-    "    sub a3, t2, t1\n"
-    "    addi a2, sp, 64\n"
-    "    lw a5, 44(sp)\n"
-    "    jalr a5\n"
-    "    BITNETMCU_REQUANTIZE_CONSTANTS\n"
-    "    addi a2, sp, 64\n"
-    "    lw a0, 32(sp)\n"
-    "    lw a3, 60(sp)\n"
-    "    srli a3, a3, 1\n"
-    "    add a3, a0, a3\n"                      /* the output row + hi / 2 */
-    "    lw a5, 56(sp)\n"
-    "    srli a5, a5, 1\n"
-    "    add a0, a0, a5\n"                      /* the output row + lo / 2 */
-    "6:\n"                                      /* the requantized maximum of four lane values */
-    "    BITNETMCU_LANE_VALUE 0\n"
-    "    mv a1, a5\n"
-    "    BITNETMCU_LANE_VALUE 4\n"
-    "    bge a1, a5, 7f\n"
-    "    mv a1, a5\n"
-    "7:\n"
-    "    BITNETMCU_LANE_VALUE 56\n"
-    "    bge a1, a5, 7f\n"
-    "    mv a1, a5\n"
-    "7:\n"
-    "    BITNETMCU_LANE_VALUE 60\n"
-    "    bge a5, a1, 7f\n"
-    "    mv a5, a1\n"
-    "7:\n"
-    "    BITNETMCU_REQUANTIZE\n"
-    "    sb a4, 0(a0)\n"
-    "    addi a2, a2, 8\n"
-    "    addi a0, a0, 1\n"
-    "    bne a0, a3, 6b\n"
-    "    lw t1, 56(sp)\n    lw t2, 60(sp)\n"
-    ".Lbitnetmcu_fills:\n"                      /* the fill outside the output columns [lo / 2, hi / 2) */
-    "    lw a1, 24(sp)\n"
-    "    lbu a4, 56(a1)\n"
-    "    lw a0, 32(sp)\n"
-    "    lw a3, 52(sp)\n"
-    "    add a3, a0, a3\n"
-    "    srli t1, t1, 1\n"
-    "    add a1, a0, t1\n"
-    "    srli t2, t2, 1\n"
-    "    add a2, a0, t2\n"
-    "    beq a0, a1, 2f\n"
-    "1:\n"
-    "    sb a4, 0(a0)\n"
-    "    addi a0, a0, 1\n"
-    "    bne a0, a1, 1b\n"
-    "2:\n"
-    "    beq a2, a3, 4f\n"
-    "3:\n"
-    "    sb a4, 0(a2)\n"
-    "    addi a2, a2, 1\n"
-    "    bne a2, a3, 3b\n"
-    "4:\n"
-    "    BITNETMCU_NEXT .Lbitnetmcu_pair\n"
-    ".Lbitnetmcu_return:\n"
-    "    lw s0, 0(sp)\n    lw s1, 4(sp)\n    lw ra, 8(sp)\n    lw tp, 12(sp)\n"
-    "    addi sp, sp, 180\n"
-    "    ret\n"
-    "    .size bitnetmcu_fp130_lanes, . - bitnetmcu_fp130_lanes\n"
-    "    .popsection\n");
-
 /* The lane loop of a plane size, or 0 (then the per-weight path). */
 SPECIALIZE lane_loop_fn *lane_loop(uint32_t size)
 {
@@ -882,6 +633,10 @@ static uint32_t fp130_setup(const uint32_t *codes, int32_t offset, struct lanes 
     return lane;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * The int8-activation convolution kernels, one per weight type
+ * ------------------------------------------------------------------------------------------------ */
+
 /* The sum of a channel's weights. */
 SPECIALIZE int32_t weight_sum(const int32_t w[9])
 {
@@ -956,6 +711,10 @@ BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary)
     (void)extent;   /* computes every output: the extent only saves time */
     return qconv_weights(input, offset, size, w, shift, output, fill, pool);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Extents: where a plane can differ from its background
+ * ------------------------------------------------------------------------------------------------ */
 
 void BitNetMCU_plane_extent(const uint8_t *plane, uint32_t size, uint8_t *extent)
 {

@@ -18,11 +18,12 @@
 #error "BitNetMCU_model.h names no format: it predates this engine; export the model again with exportquant.py"
 #endif
 
+#define TESTSET_MAGIC 0x544D4E42u   /* testdata.BLOB_MAGIC, "BNMT" read as a little-endian word */
+#define TESTSET_VERSION 2           /* testdata.BLOB_VERSION (tests/test_mcu.py holds them equal) */
+
 #ifdef BITNETMCU_TESTSET_ADDR
 #define TESTSET ((const uint32_t *)BITNETMCU_TESTSET_ADDR)
-#define TESTSET_MAGIC 0x544D4E42u   /* "BNMT", little endian */
-#define TESTSET_VERSION 2u          /* testdata.BLOB_VERSION */
-#define TESTSET_IS_VALID (TESTSET[0] == TESTSET_MAGIC && TESTSET[1] == TESTSET_VERSION && \
+#define TESTSET_IS_VALID (TESTSET[0] == TESTSET_MAGIC && TESTSET[1] == (uint32_t)TESTSET_VERSION && \
                           TESTSET[3] == BITNETMCU_MODEL_INPUTS && TESTSET[4] == BITNETMCU_MODEL_FINGERPRINT)
 #define TEST_COUNT (TESTSET[2])
 #define TEST_IMAGES ((const int8_t *)(TESTSET + 5))
@@ -57,6 +58,8 @@ static const int8_t *test_image(uint32_t i, int8_t *buffer)
 }
 #endif
 
+#define STRING(x) STRING_OF(x)
+#define STRING_OF(x) #x
 #define VERBOSE_LIMIT 20u        /* print every image only for small test sets */
 #define STACK_PAINT 0x5AA5F00Du
 #ifndef STACK_PROBE_WORDS
@@ -128,8 +131,8 @@ int main(void)
 {
     platform_init();
     if (!TESTSET_IS_VALID) {
-        print("error: the test data is not a version-2 BitNetMCU blob made for this model header; "
-              "run test_inference.py to refresh it\n");
+        print("error: the test data is not a version-" STRING(TESTSET_VERSION) " BitNetMCU blob made for this model "
+              "header; run test_inference.py to refresh it\n");
         platform_exit(2);
     }
     int32_t logits[BITNETMCU_MODEL_CLASSES];

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the top level: pipeline.py and what it uses
 from chips import CHIPS, FirmwareError  # noqa: E402
 from mcu import chipsim  # noqa: E402
-from pipeline import (fit_problem, forbidden_arithmetic, multiply_uses, peak_stack, run_qemu,  # noqa: E402
+from pipeline import (MULTIPLY, fit_problem, forbidden_arithmetic, multiply_uses, peak_stack, run_qemu,  # noqa: E402
                       section_sizes)
 from testdata import StaleDataError  # noqa: E402
 

@@ -14,7 +14,6 @@ import torch
 import yaml
 
 import cengine
-import exportquant
 import sweep
 import test_inference
 import testdata

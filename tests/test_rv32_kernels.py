@@ -69,7 +69,8 @@ def core(tmp_path_factory):
     subprocess.run(['riscv64-unknown-elf-gcc', '-march=rv32ec', '-mabi=ilp32e', '-Os', '-std=c99', '-ffreestanding',
                     '-nostdlib', '-nostartfiles', '-ffunction-sections', '-Wl,--gc-sections', '-Wl,-Ttext=0',
                     '-Wl,--no-warn-rwx-segments', '-Wall', '-Wextra', '-Wpedantic', '-Werror', f'-I{ROOT}',
-                    str(ROOT / 'tests' / 'rv32_qconv.c'), str(ROOT / 'BitNetMCU_inference.c'), '-lgcc', '-o', str(elf)],
+                    str(ROOT / 'tests' / 'rv32_qconv.c'), str(ROOT / 'BitNetMCU_inference.c'),
+                    str(ROOT / 'BitNetMCU_lanes_rv32e.S'), '-lgcc', '-o', str(elf)],
                    check=True)
     return Core(elf)
 

@@ -11,7 +11,7 @@
 #error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x0428fd22u
+#define BITNETMCU_MODEL_FINGERPRINT 0x75218cddu
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -469,11 +469,11 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
         BitNetMCU_maxpool2(scratch, 4u, feature);
     }
     BitNetMCU_shiftnorm_relu(features, act, 256u);
-    BitNetMCU_fc_2bitsym(act, 256u, BitNetMCU_layer3_weights, sums, 96u, 0, (const int16_t *)0);
+    BitNetMCU_fc_2bitsym(act, 256u, BitNetMCU_layer3_weights, sums, 96u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 96u);
-    BitNetMCU_fc_4bitsym(act, 96u, BitNetMCU_layer4_weights, sums, 64u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 96u, BitNetMCU_layer4_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 64u);
-    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer5_weights, sums, 10u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer5_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];
     return BitNetMCU_argmax(logits, 10u);

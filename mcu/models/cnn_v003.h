@@ -11,7 +11,7 @@
 #error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x7d53fd7au
+#define BITNETMCU_MODEL_FINGERPRINT 0x80a51e41u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -410,15 +410,15 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
     const uint32_t *w1 = BitNetMCU_layer1_weights;
     const uint32_t *w2 = BitNetMCU_layer2_weights;
     for (uint32_t c = 0; c < 64u; c++, w0 += 2, w1 += 2, w2 += 2) {
-        uint32_t fill = BitNetMCU_qconv3x3_FP130(ram.conv.image, offset, 16u, w0, 8u, ram.conv.plane, extent0, 0u, 0u);
-        fill = BitNetMCU_qconv3x3_FP130(ram.conv.plane, 0, 14u, w1, 6u, ram.conv.plane, extent1, fill, 1u);
-        BitNetMCU_qconv3x3_FP130(ram.conv.plane, 0, 6u, w2, 6u, (uint8_t *)features + 4u * c, (const uint8_t *)0, 0u, 1u);
+        uint32_t fill = BitNetMCU_qconv3x3_FP130(ram.conv.image, offset, 16u, w0, 8u, ram.conv.plane, extent0, BITNETMCU_IMAGE_FILL, BITNETMCU_NO_POOL);
+        fill = BitNetMCU_qconv3x3_FP130(ram.conv.plane, BITNETMCU_NO_OFFSET, 14u, w1, 6u, ram.conv.plane, extent1, fill, BITNETMCU_POOL);
+        BitNetMCU_qconv3x3_FP130(ram.conv.plane, BITNETMCU_NO_OFFSET, 6u, w2, 6u, (uint8_t *)features + 4u * c, BITNETMCU_NO_EXTENT, BITNETMCU_NO_FILL, BITNETMCU_POOL);
     }
-    BitNetMCU_fc_2bitsym(features, 256u, BitNetMCU_layer3_weights, sums, 96u, 0, (const int16_t *)0);
+    BitNetMCU_fc_2bitsym(features, 256u, BitNetMCU_layer3_weights, sums, 96u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 96u);
-    BitNetMCU_fc_4bitsym(act, 96u, BitNetMCU_layer4_weights, sums, 64u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 96u, BitNetMCU_layer4_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 64u);
-    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer5_weights, sums, 10u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer5_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];
     return BitNetMCU_argmax(logits, 10u);

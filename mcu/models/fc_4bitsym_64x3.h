@@ -11,7 +11,7 @@
 #error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x9b4334acu
+#define BITNETMCU_MODEL_FINGERPRINT 0xd70ff92au
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -451,11 +451,11 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
     int8_t act[64];
     BitNetMCU_fc_4bitsym(input, 256u, BitNetMCU_layer0_weights, sums, 64u, input[0], BitNetMCU_layer0_rowsums);
     BitNetMCU_shiftnorm_relu(sums, act, 64u);
-    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer1_weights, sums, 64u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer1_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 64u);
-    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer2_weights, sums, 64u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer2_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     BitNetMCU_shiftnorm_relu(sums, act, 64u);
-    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer3_weights, sums, 10u, 0, (const int16_t *)0);
+    BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer3_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];
     return BitNetMCU_argmax(logits, 10u);

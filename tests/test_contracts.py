@@ -1,0 +1,138 @@
+"""What the Python side and the C side must agree on, each defined once: every C function a generated header calls
+exists in the engine, for every layer kind and weight type; the test blob's magic and version; the firmware's report;
+the struct the assembly reads; and no code outside a layer kind's definition asks which kind an op is."""
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, NF4_LEVELS_INT8, QUANT_TYPES
+from cengine import engine_cdef
+from chips import CHIPS, parse_report
+from conftest import ROOT
+from intmodel import CONV, FC, INT8_CONV, MAXPOOL, SHIFTNORM, IntModel, IntOp
+from modelheader import header_text
+from testdata import BLOB_MAGIC, BLOB_VERSION
+
+ENGINE_FUNCTIONS = set(re.findall(r'\b(BitNetMCU_\w+)\s*\(', engine_cdef()))
+
+
+def calls(text):
+    """The engine functions a header's infer function calls."""
+    infer = text[text.index('BitNetMCU_model_infer('):]
+    return set(re.findall(r'\b(BitNetMCU_\w+)\s*\(', infer)) - {'BitNetMCU_model_infer'}
+
+
+def weights_of(qtype, shape, rng):
+    """Random integer weights on the type's grid (any value its encoding takes)."""
+    values = {'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3], '4bitsym': list(range(-15, 16, 2)),
+              '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
+              'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF4': list(NF4_LEVELS_INT8)}[qtype.name]
+    return rng.choice(values, shape).astype(np.int64)
+
+
+def every_kind_model(conv_kind, conv_type, fc_type):
+    """A small model with every kind in it: convolutions of conv_kind, pooling, ShiftNorm, fully connected."""
+    rng = np.random.default_rng(0)
+    shift = 4
+    conv = lambda name: IntOp(conv_kind, QUANT_TYPES[conv_type], weights_of(QUANT_TYPES[conv_type], (4, 9), rng),  # noqa: E731
+                              shift if conv_kind is INT8_CONV else QUANT_TYPES[conv_type].conv_shift or 0, name)
+    ops = [conv('c0'), conv('c1'), IntOp(MAXPOOL, name='p0'), conv('c2'), IntOp(MAXPOOL, name='p1')]
+    features = 4 * 2 * 2
+    if conv_kind is CONV:
+        ops.append(IntOp(SHIFTNORM, name='n0'))
+    ops += [IntOp(FC, QUANT_TYPES[fc_type], weights_of(QUANT_TYPES[fc_type], (8, features), rng), name='f0'),
+            IntOp(SHIFTNORM, name='n1'),
+            IntOp(FC, QUANT_TYPES[fc_type], weights_of(QUANT_TYPES[fc_type], (10, 8), rng), name='f1')]
+    return IntModel(ops, num_classes=10)
+
+
+FC_TYPES = [name for name in EXPORTABLE_TYPES]
+CONV_TYPES = [name for name in EXPORTABLE_TYPES if QUANT_TYPES[name].conv_shift is not None]
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('fc_type', FC_TYPES)
+def test_every_function_a_header_calls_is_in_the_engine(fc_type, layout):
+    """For every layer kind, weight type and layout: the generated infer function calls only what
+    BitNetMCU_inference.h declares."""
+    models = [every_kind_model(INT8_CONV, conv_type, fc_type) for conv_type in EXPORTABLE_TYPES]
+    models += [every_kind_model(CONV, conv_type, fc_type) for conv_type in CONV_TYPES]
+    for model in models:
+        called = calls(header_text(model, 'contract', layout))
+        assert called and called <= ENGINE_FUNCTIONS, called - ENGINE_FUNCTIONS
+
+
+def test_the_generated_calls_name_their_arguments():
+    """No trailing unnamed literals: null pointers and mode flags are the engine's named constants."""
+    infer = ''.join(text[text.index('BitNetMCU_model_infer('):] for text in (
+        header_text(every_kind_model(INT8_CONV, 'FP130', '4bitsym'), 'contract'),
+        header_text(every_kind_model(CONV, '8bit', '4bitsym'), 'contract')))
+    assert not re.search(r'\(const \w+ \*\)0', infer)
+    for call in re.findall(r'BitNetMCU_\w+\(([^;]*)\);', infer):   # sizes, counts and shifts are numbers; no flag is
+        assert not any(re.fullmatch(r'[01]u?', arg.strip()) for arg in call.split(',')), call
+    for name in set(re.findall(r'\bBITNETMCU_[A-Z_]+\b', infer)):
+        assert re.search(rf'#define {name}\b', (ROOT / 'BitNetMCU_inference.h').read_text()), name
+
+
+def python_sources():
+    return (list(ROOT.glob('*.py')) + list((ROOT / 'mcu').glob('*.py')) + list((ROOT / 'bench').glob('*.py'))
+            + list((ROOT / 'docs').glob('*.py')))
+
+
+def test_no_code_asks_which_kind_an_op_is():
+    """A layer kind is one definition: nothing compares an op's kind or its name; code asks the kind instead."""
+    assert {kind.name for kind in (FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV)} == {'fc', 'shiftnorm', 'maxpool', 'conv',
+                                                                                 'qconv'}
+    test = re.compile(r"\.kind(\.name)?\s*(==|!=|\bin\b|\bis\b)|isinstance\([^)]*\b(FullyConnected|ShiftNorm|MaxPool|"
+                      r"Conv3x3|Int8Conv3x3)\b")
+    found = [f"{p.name}:{n}: {line.strip()}" for p in python_sources()
+             for n, line in enumerate(p.read_text().splitlines(), 1) if test.search(line)]
+    assert not found, found
+
+
+def test_the_blob_format_is_the_one_the_firmware_reads():
+    """testdata.py defines the blob's magic and version; the firmware's copies must match."""
+    demo = (ROOT / 'mcu' / 'BitNetMCUdemo.c').read_text()
+    magic = int(re.search(r'#define TESTSET_MAGIC (0x[0-9A-Fa-f]+)u', demo).group(1), 16)
+    version = int(re.search(r'#define TESTSET_VERSION (\d+)\b', demo).group(1))
+    assert magic.to_bytes(4, 'little') == BLOB_MAGIC and version == BLOB_VERSION
+
+
+def test_the_report_the_firmware_prints_is_the_one_parsed():
+    """The summary's words in BitNetMCUdemo.c are the ones chips.parse_report reads (one format for QEMU and the
+    emulated chip)."""
+    demo = (ROOT / 'mcu' / 'BitNetMCUdemo.c').read_text()
+    printed = ''.join(re.findall(r'print\("([^"]*)"\)', demo[demo.index('print("images ")'):]))
+    for word in ('images ', ' correct ', ' mismatches ', ' per inference: total ', ' min ', ' max ',
+                 'peak stack of one inference: ', ' bytes'):
+        assert word in printed.replace('\\n', '\n'), word
+    report = parse_report("images 3 correct 2 mismatches 0\ninstructions per inference: total 30 min 9 max 11\n"
+                          "peak stack of one inference: 392 bytes\n")
+    assert report['mean'] == 10 and report['stack'] == 392 and report['counter'] == 'instructions'
+    assert parse_report("images 3 correct 2 mismatches 1\ncycles per inference: total 30 min 9 max 11\n")['stack'] is None
+    assert parse_report("no summary") is None
+
+
+def test_the_chip_table_is_defined_once():
+    defined = [p.name for p in python_sources() if re.search(r"'CH32V00\d': *\(|\d+ \* 1024|rv32,m=false", p.read_text())]
+    assert defined == ['chips.py']
+    assert CHIPS['CH32V003'].ram == 2048 and not CHIPS['CH32V003'].multiplier and CHIPS['CH32V002'].multiplier
+
+
+def test_the_lane_struct_offsets_are_checked_when_the_engine_compiles(tmp_path):
+    """The assembly reads struct lanes by BitNetMCU_lanes.h's offsets; a struct that moves a field stops the build."""
+    lanes = (ROOT / 'BitNetMCU_lanes.h').read_text()
+    moved = lanes.replace('    uint32_t size, lane, shift;', '    uint32_t lane, size, shift;')
+    assert moved != lanes
+    for name in ('BitNetMCU_inference.c', 'BitNetMCU_inference.h'):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    for text, ok in ((lanes, True), (moved, False)):
+        (tmp_path / 'BitNetMCU_lanes.h').write_text(text)
+        out = subprocess.run(['cc', '-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-c',
+                              str(tmp_path / 'BitNetMCU_inference.c'), '-o', str(tmp_path / 'engine.o')],
+                             capture_output=True, text=True)
+        assert (out.returncode == 0) == ok, out.stderr
+        if not ok:
+            assert 'bitnetmcu_lanes_size_at_LANES_SIZE' in out.stderr
