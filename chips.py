@@ -6,7 +6,8 @@ mcu/BitNetMCUdemo.c prints at the end of every run, on QEMU and on the emulated 
 """
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from fileio import read_or_explain
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,8 @@ EM_RISCV = 243
 def check_elf(path):
     """Refuse, before anything runs it, a file that is not a 32-bit little-endian RISC-V ELF executable (a text
     file, an x86 build, an empty or cut-short file); the message names what it is and the cure."""
-    path = Path(path)
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(20)
-    except FileNotFoundError:
-        raise FirmwareError(f"{path} is missing: build the firmware first (make -C mcu)") from None
-    except IsADirectoryError:
-        raise FirmwareError(f"{path} is a directory; give the firmware's .elf file") from None
-    except OSError as e:
-        raise FirmwareError(f"{path} cannot be read: {e.strerror}") from None
+    head = read_or_explain(path, 20, "firmware's .elf", FirmwareError, 'build the firmware first (make -C mcu)',
+                           head=True)
     if not head.startswith(b'\x7fELF') or len(head) < 20:
         what = 'empty' if not head else 'cut short' if head.startswith(b'\x7fELF') else 'no ELF magic'
         raise FirmwareError(f"{path} is not an ELF file ({what}); give the firmware's .elf (make -C mcu builds it)")

@@ -14,17 +14,31 @@ class OutputError(ValueError):
     """An output cannot be written safely; the message names the path, the reason and what would work."""
 
 
-def read_bounded(path, limit, what, error):
-    """The bytes of a regular file of at most `limit` bytes; a device, a pipe or a larger file raises
-    error(message) instead of being read without end. OSError (missing, a directory, no permission) passes."""
+def read_bounded(path, limit, what, error, head=False):
+    """The bytes of a regular file of at most `limit` bytes (head: its first `limit` bytes, whatever its size); a
+    device, a pipe or a larger file raises error(message) instead of being read without end. OSError (missing, a
+    directory, no permission) passes."""
     path = Path(path)
     with open(path, 'rb') as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise error(f"{what} {path} is not a regular file; give the path of a file")
-        data = f.read(limit + 1)
+        data = f.read(limit + (not head))
     if len(data) > limit:
         raise error(f"{what} {path} is larger than {limit:,} bytes, more than any {what} holds; give the right file")
     return data
+
+
+def read_or_explain(path, limit, what, error, missing, head=False):
+    """read_bounded, with every way the file can be unreadable raised as error(message); `missing` says how to
+    make the file."""
+    try:
+        return read_bounded(path, limit, what, error, head)
+    except FileNotFoundError:
+        raise error(f"{path} is missing: {missing}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory; give the {what} file") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read: {e.strerror}") from None
 
 
 def _same_file(a, b):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import OutputError, atomic_write, c_array, read_bounded, refuse_overwriting_inputs
+from fileio import OutputError, atomic_write, c_array, read_or_explain, refuse_overwriting_inputs
 
 BLOB_MAGIC = b'BNMT'
 BLOB_VERSION = 2
@@ -63,14 +63,7 @@ def fingerprint_line(text):
 
 def _read(path, limit, what, missing):
     """A file's bytes, bounded; every way it can be unreadable is a StaleDataError naming the cure."""
-    try:
-        return read_bounded(path, limit, what, StaleDataError)
-    except FileNotFoundError:
-        raise StaleDataError(f"{path} is missing: {missing}") from None
-    except IsADirectoryError:
-        raise StaleDataError(f"{path} is a directory; give the {what} file") from None
-    except OSError as e:
-        raise StaleDataError(f"{what} {path} cannot be read: {e.strerror}") from None
+    return read_or_explain(path, limit, what, StaleDataError, missing)
 
 
 def _read_text(path, limit, what, missing):

@@ -136,3 +136,28 @@ def test_the_lane_struct_offsets_are_checked_when_the_engine_compiles(tmp_path):
         assert (out.returncode == 0) == ok, out.stderr
         if not ok:
             assert 'bitnetmcu_lanes_size_at_LANES_SIZE' in out.stderr
+
+
+def test_a_new_kind_is_one_definition():
+    """A kind the rest of the code has never heard of: its class alone puts its step into the reference, the RAM
+    and the generated function (its C kernel would be the other half of the change)."""
+    from intmodel import LayerKind, reference_logits
+    from modelheader import activation_ram
+
+    class HalveSums(LayerKind):
+        name = 'halve'
+
+        def reference(self, op, x):
+            return x >> 1
+
+        def call(self, op, layer, name, f):
+            return [f"    BitNetMCU_halve({f.source}, {f.count}u);"]
+
+    rng = np.random.default_rng(1)
+    fc1 = IntOp(FC, QUANT_TYPES['4bitsym'], weights_of(QUANT_TYPES['4bitsym'], (10, 256), rng), name='f0')
+    plain, halved = IntModel([fc1], 10), IntModel([fc1, IntOp(HalveSums(), name='h0')], 10)
+    images = rng.integers(-128, 128, (20, 256))
+    assert np.array_equal(reference_logits(halved, images), reference_logits(plain, images) >> 1)
+    text = header_text(halved, 'contract')
+    assert 'BitNetMCU_halve(sums, 10u);\n    for (uint32_t i = 0; i < 10u; i++)' in text
+    assert activation_ram(halved, [FC.pack(fc1, 'input-major', True)]) == 4 * 16   # the sums, to whole words
