@@ -335,3 +335,7 @@ bitnetmcu_fp130_lanes:
     .popsection
 
 #endif
+
+#if defined(__linux__) && defined(__ELF__)
+    .section .note.GNU-stack, "", %progbits   /* a host build: no executable stack */
+#endif

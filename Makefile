@@ -59,7 +59,7 @@ verify: export  ## C engine vs Python reference on all 10,000 test images; write
 ctest: BitNetMCU_MNIST_test_data.h  ## build and run the host C test program
 	$(PY) testdata.py check BitNetMCU_model.h BitNetMCU_MNIST_test_data.h
 	mkdir -p build
-	$(CC) $(CFLAGS) -I. BitNetMCU_MNIST_test.c BitNetMCU_inference.c -o build/BitNetMCU_MNIST_test
+	$(CC) $(CFLAGS) -I. BitNetMCU_MNIST_test.c BitNetMCU_inference.c BitNetMCU_lanes_rv32e.S -o build/BitNetMCU_MNIST_test
 	build/BitNetMCU_MNIST_test
 
 BitNetMCU_MNIST_test_data.h:
