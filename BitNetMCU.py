@@ -124,8 +124,7 @@ class QuantType:
     encode: Optional[Callable] = None     # integer weights -> the codes packed into the header
     packing: str = 'bits'            # 'bits': codes MSB-first in uint32 words; 'trits': 10 base-3 digits per uint16
     kernels: dict = field(default_factory=dict)   # weight layout -> C kernel of a fully connected layer
-    conv_shift: Optional[int] = None      # int32 convolutions: right shift after a 3x3 conv with these weights
-                                     # as int8 (None: no such conv)
+    int32_conv: bool = False         # its levels fit the int32-plane convolution's int8 weights
     clipped: bool = True             # the quantizer reads the clipping scalar s (Binary, Ternary: mean|w| instead)
     original_quantscale: Optional[float] = None   # the original BitNetMCU's s-less (v0.2a) checkpoints: its fixed
                                      # quantscale for this type (None: the configured maxw_quantscale)
@@ -145,34 +144,34 @@ class QuantType:
 
 QUANT_TYPES = {q.name: q for q in [
     QuantType(name='Binary', bits=1, levels=(-1, 1), quantize=_quant_binary, octav_bits=1,
-              encode=lambda iw: (iw > 0).astype(np.uint32), kernels=_fc_kernels('Binary'), conv_shift=0,
+              encode=lambda iw: (iw > 0).astype(np.uint32), kernels=_fc_kernels('Binary'), int32_conv=True,
               clipped=False, description='sign(w - mean(w)) in {-1, +1}'),
     QuantType(name='Ternary', bits=1.6, levels=(-1, 0, 1), quantize=_quant_ternary, octav_bits=2,
-              encode=_trit, packing='trits', kernels=_fc_kernels('Ternary', ['output-major']), conv_shift=0,
+              encode=_trit, packing='trits', kernels=_fc_kernels('Ternary', ['output-major']), int32_conv=True,
               clipped=False, description='clip(round(w / mean|w|), -1, 1); 10 trits per 16 bit'),
     QuantType(name='2bitsym', bits=2, levels=(-1.5, -0.5, 0.5, 1.5), quantize=_quant_sym(2), octav_bits=2,
               int_scale=2, encode=_sign_magnitude(2, lambda m: m == 3), kernels=_fc_kernels('2bitsym'),
-              conv_shift=2, original_quantscale=0.5, description='{±0.5, ±1.5}, multiplier-free'),
+              int32_conv=True, original_quantscale=0.5, description='{±0.5, ±1.5}, multiplier-free'),
     QuantType(name='4bitsym', bits=4, levels=tuple(k + 0.5 for k in range(-8, 8)), quantize=_quant_sym(8),
               octav_bits=4, int_scale=2, encode=_sign_magnitude(4, lambda m: (m - 1) // 2),
-              kernels=_fc_kernels('4bitsym'), conv_shift=4, description='{±0.5 ... ±7.5}, multiplier-free'),
+              kernels=_fc_kernels('4bitsym'), int32_conv=True, description='{±0.5 ... ±7.5}, multiplier-free'),
     QuantType(name='4bit', bits=4, levels=tuple(range(-8, 8)), quantize=_quant_twos_complement(8), octav_bits=4,
-              encode=_twos_complement(4), kernels=_fc_kernels('4bit'), conv_shift=3,
+              encode=_twos_complement(4), kernels=_fc_kernels('4bit'), int32_conv=True,
               description="two's complement -8 .. 7"),
     QuantType(name='8bit', bits=8, levels=tuple(range(-128, 128)), quantize=_quant_twos_complement(128),
-              octav_bits=8, encode=_twos_complement(8), kernels=_fc_kernels('8bit'), conv_shift=7,
+              octav_bits=8, encode=_twos_complement(8), kernels=_fc_kernels('8bit'), int32_conv=True,
               multiplier_free=False, description="two's complement -128 .. 127"),
     QuantType(name='FP130', bits=4, levels=tuple(sign * 2 ** e for sign in (-1, 1) for e in range(8)),
               quantize=_quant_fp130, octav_bits=4, encode=_sign_magnitude(4, lambda m: np.log2(m).round()),
               kernels=_fc_kernels('FP130'), original_s_factor=4 / 3, description='sign x 2^e, e in 0..7, shifts only'),
     QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_nf4, octav_bits=4,
-              encode=_nf4_index, kernels=_fc_kernels('NF4'), conv_shift=7, multiplier_free=False,
+              encode=_nf4_index, kernels=_fc_kernels('NF4'), int32_conv=True, multiplier_free=False,
               description='NormalFloat4 levels (rounded to int8) times s'),
     QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8, multiplier_free=False,
               description='float weights, for comparison only (not exportable)'),
 ]}
 EXPORTABLE_TYPES = [q.name for q in QUANT_TYPES.values() if q.exportable]
-CONV_TYPES = [q.name for q in QUANT_TYPES.values() if q.conv_shift is not None]
+CONV_TYPES = [q.name for q in QUANT_TYPES.values() if q.int32_conv]
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -37,7 +37,7 @@ def every_kind_model(conv_kind, conv_type, fc_type):
     rng = np.random.default_rng(0)
     shift = 4
     conv = lambda name: IntOp(conv_kind, QUANT_TYPES[conv_type], weights_of(QUANT_TYPES[conv_type], (4, 9), rng),  # noqa: E731
-                              shift if conv_kind is INT8_CONV else QUANT_TYPES[conv_type].conv_shift or 0, name)
+                              shift, name)
     ops = [conv('c0'), conv('c1'), IntOp(MAXPOOL, name='p0'), conv('c2'), IntOp(MAXPOOL, name='p1')]
     features = 4 * 2 * 2
     if conv_kind is CONV:
@@ -49,7 +49,7 @@ def every_kind_model(conv_kind, conv_type, fc_type):
 
 
 FC_TYPES = [name for name in EXPORTABLE_TYPES]
-CONV_TYPES = [name for name in EXPORTABLE_TYPES if QUANT_TYPES[name].conv_shift is not None]
+CONV_TYPES = [name for name in EXPORTABLE_TYPES if QUANT_TYPES[name].int32_conv]
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)

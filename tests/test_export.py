@@ -48,7 +48,7 @@ def compile_host_program(tmp_path, header, images, labels, predictions, compiler
 @pytest.mark.parametrize('qtype', EXPORTABLE_TYPES)
 def test_every_type_exports_compiles_and_matches_on_10000_images(small_mnist, mnist, run_dirs, tmp_path, model, qtype):
     # CNN: the convolutions take the type too where it has an int8 conv kernel (FP130's 2^7 does not).
-    conv_type = qtype if QUANT_TYPES[qtype].conv_shift is not None else '8bit'
+    conv_type = qtype if QUANT_TYPES[qtype].int32_conv else '8bit'
     extra = dict(model='CNNMNIST', cnn_width=6, network_width3=0, conv_QuantType=conv_type) \
         if model == 'CNNMNIST' else {}
     path = short_training(small_mnist, run_dirs, QuantType=qtype, fc1_QuantType=qtype, **extra)
@@ -223,3 +223,17 @@ def test_summary_plots_and_stats(tmp_path, capsys):
     assert (tmp_path / 'first_layer_tiles.png').stat().st_size > 1000
     stats = exportquant.weight_stats(int_model.weight_ops()[0])
     assert set(stats['codes']) <= set(range(-15, 16, 2)) and 0 < stats['capacity'] <= 1
+
+
+def test_int32_conv_shifts_are_the_smallest_that_never_overflow():
+    """The worst image for the worst weights stays in int32 with the chosen shifts, and one bit less overflows."""
+    from intmodel import CONV, IntModel, IntOp, choose_int32_shifts
+    convs = [IntOp(CONV, QUANT_TYPES['8bit'], np.full((1, 9), w), name=f'conv{k}') for k, w in enumerate((-128, 127, 127))]
+    choose_int32_shifts(convs)
+    shifts = [op.shift for op in convs]
+    assert shifts[0] == 0 and shifts[-1] == 0 and shifts[1] > 0
+    worst = np.full((1, 256), -128)                      # times -128: the largest first sums, all positive
+    reference_logits(IntModel(convs, 10), worst)          # raises if any sum leaves int32
+    convs[1].shift -= 1
+    with pytest.raises(ExportError, match='sums exceed 32 bits'):
+        reference_logits(IntModel(convs, 10), worst)

@@ -11,14 +11,14 @@
 #error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x6f10df9du
+#define BITNETMCU_MODEL_FINGERPRINT 0xb5afd12fu
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
 #define BITNETMCU_MODEL_LAYERS 6
 #define BITNETMCU_MODEL_FIRST_FC_INPUTS 64
 
-/* layers.1: 3x3 conv, 16 channels, 8bit as int8, shift 7 */
+/* layers.1: 3x3 conv, 16 channels, 8bit as int8, shift 0 */
 static const int8_t BitNetMCU_layer0_weights[144] = {
     37, 12, 16, -45, -128, 35, 14, 33, 17, -19, -73, -52, 52, -52, 8, 6,
     -9, 39, -2, 6, 22, 18, -58, 23, 7, 24, 56, -51, -77, -64, 9, 44,
@@ -31,7 +31,7 @@ static const int8_t BitNetMCU_layer0_weights[144] = {
     -30, -82, 8, 66, 3, 17, -17, 8, -34, -18, -4, 36, 63, 10, -6, -25
 };
 
-/* layers.3: 3x3 conv, 16 channels, 8bit as int8, shift 7 */
+/* layers.3: 3x3 conv, 16 channels, 8bit as int8, shift 2 */
 static const int8_t BitNetMCU_layer1_weights[144] = {
     -31, 8, 4, -47, 23, 2, -33, -45, -17, 21, -16, -8, 10, -27, -6, 0,
     -36, 10, -5, 4, 1, -1, -14, 16, -30, -15, 16, -14, 21, 16, -29, 20,
@@ -44,7 +44,7 @@ static const int8_t BitNetMCU_layer1_weights[144] = {
     -42, 9, 26, -13, 11, 1, -35, 12, -10, 1, 4, 11, 7, 12, 2, 26
 };
 
-/* layers.6: 3x3 conv, 16 channels, 8bit as int8, shift 7 */
+/* layers.6: 3x3 conv, 16 channels, 8bit as int8, shift 0 */
 static const int8_t BitNetMCU_layer2_weights[144] = {
     59, 50, 40, 127, 113, 56, 57, 57, 21, 20, 74, 70, 17, 10, -14, 3,
     0, -11, 1, 0, -1, -8, 12, 23, 25, 42, 76, 90, 21, 0, 31, -47,
@@ -149,10 +149,10 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
     int32_t features[64], *feature = features;
     const int8_t *w0 = BitNetMCU_layer0_weights, *w1 = BitNetMCU_layer1_weights, *w2 = BitNetMCU_layer2_weights;
     for (uint32_t c = 0; c < 16u; c++, w0 += 9, w1 += 9, w2 += 9, feature += 4) {
-        BitNetMCU_conv3x3_relu_image(input, 16u, w0, 7u, scratch);
-        BitNetMCU_conv3x3_relu(scratch, 14u, w1, 7u, scratch);
+        BitNetMCU_conv3x3_relu_image(input, 16u, w0, 0u, scratch);
+        BitNetMCU_conv3x3_relu(scratch, 14u, w1, 2u, scratch);
         BitNetMCU_maxpool2(scratch, 12u, scratch);
-        BitNetMCU_conv3x3_relu(scratch, 6u, w2, 7u, scratch);
+        BitNetMCU_conv3x3_relu(scratch, 6u, w2, 0u, scratch);
         BitNetMCU_maxpool2(scratch, 4u, feature);
     }
     BitNetMCU_shiftnorm_relu(features, act, 64u);
