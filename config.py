@@ -74,6 +74,11 @@ CONFIG_SCHEMA = {
     'num_epochs': (int, 60, _at_least(1), 'training epochs'),
     'batch_size': (int, 128, _at_least(1), 'mini-batch size'),
     'scheduler': (str, 'Cosine', _choice('StepLR', 'Cosine', 'CosineWarmRestarts'), 'learning-rate schedule'),
+    'optimizer': (str, 'adam', _choice('adam', 'muon'),
+                  'adam, or muon: torch.optim.Muon (orthogonalized momentum) on the hidden layers\' weight matrices, '
+                  'Adam on the classifier and the rest'),
+    'muon_learning_rate': (_NUM, 0.01, lambda v: None if 0 < v <= 1 else 'must be > 0 and at most 1 (0.01 is usual)',
+                           'Muon learning rate (optimizer: muon), on the same schedule as learning_rate'),
     'learning_rate': (_NUM, 0.001, lambda v: None if 0 < v <= 1 else 'must be > 0 and at most 1 (Adam; 0.001 is usual)',
                       'Adam learning rate'),
     'lr_decay': (_NUM, 0.1, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]', 'StepLR factor'),

@@ -92,6 +92,45 @@ def lr_at(cfg, epoch):
     return lr
 
 
+class MuonAndAdam:
+    """optimizer: muon. torch.optim.Muon on the weight matrices of every fully connected layer but the last (Muon
+    orthogonalizes a matrix's update), Adam on the classifier, the convolutions and the rest; stepped together.
+    Each param group keeps the ratio of its learning rate to learning_rate in 'lr_scale'."""
+
+    def __init__(self, model, cfg):
+        linear = [m for _, m in quant_layers(model) if isinstance(m, nn.Linear)]
+        hidden = [m.weight for m in linear[:-1]]
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        self.muon = torch.optim.Muon(hidden, lr=cfg['muon_learning_rate'], weight_decay=0.0)
+        self.adam = torch.optim.Adam(rest, lr=cfg['learning_rate'])
+        self.muon.param_groups[0]['lr_scale'] = cfg['muon_learning_rate'] / cfg['learning_rate']
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adam.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adam.zero_grad(set_to_none)
+
+    def step(self):
+        self.muon.step()
+        self.adam.step()
+
+    def state_dict(self):
+        return {'muon': self.muon.state_dict(), 'adam': self.adam.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state['muon'])
+        self.adam.load_state_dict(state['adam'])
+
+
+def make_optimizer(model, cfg):
+    if cfg['optimizer'] == 'muon':
+        return MuonAndAdam(model, cfg)
+    return torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
+
+
 def epoch_generator(cfg, epoch):
     """Each epoch's shuffling and augmentation depend only on (seed, epoch): resume is exact."""
     return torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + epoch)
@@ -359,7 +398,7 @@ def start_run(cfg, resume, restart, num_classes, log, runs_dir=None, model_dir=N
     init_weights(model, cfg)
     model = model.to(device)
     average = WeightAverage(model, cfg['ema_decay'], cfg['ema_clipping'] == 'own') if cfg['ema_decay'] > 0 else None
-    run = Run(cfg, device, model, torch.optim.Adam(model.parameters(), lr=cfg['learning_rate']),
+    run = Run(cfg, device, model, make_optimizer(model, cfg),
               load_teacher(cfg, device, num_classes), average, (runs_dir or RUNS_DIR) / name, (model_dir or MODEL_DIR) / f'{name}.pth')
     if run.checkpoint_path.exists() and not restart:
         if not resume:
@@ -421,7 +460,7 @@ def run_epoch(run, data, epoch, validation=None):
             run.average.update_clipping()
     lr = lr_at(cfg, epoch)
     for group in run.optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
     x, y = epoch_data(data, cfg, epoch)
     # The pull grows as the learning rate falls: weights move freely early and settle late.
     dampening = cfg['oscillation_dampening'] * (1 - lr / cfg['learning_rate'])

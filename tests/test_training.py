@@ -114,7 +114,7 @@ def teacher(small_mnist, run_dirs):
 
 
 @pytest.mark.parametrize('levers', [{}, {'ema_decay': 0.9, 'label_smoothing': 0.1, 'teacher': True,
-                                          'oscillation_dampening': 1.0}])
+                                          'oscillation_dampening': 1.0}, {'optimizer': 'muon'}])
 @pytest.mark.slow
 def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers):
     if levers.get('teacher'):
@@ -138,10 +138,25 @@ def test_interrupted_run_resumes_exactly(small_mnist, run_dirs, request, levers)
     for key, value in reference['state_dict'].items():
         assert torch.equal(value, resumed['state_dict'][key]), key
     assert [m['test_loss'] for m in resumed['history']] == [m['test_loss'] for m in reference['history']]
-    if levers:   # the average is what is saved; it is not the live model
+    if levers.get('ema_decay'):   # the average is what is saved; it is not the live model
         state = torch.load(ckpt.with_name('first.pt'), weights_only=False)
         assert not torch.equal(state['model']['layers.0.weight'], state['average']['model']['layers.0.weight'])
         assert 'test_acc_live' in reference['metrics']
+
+
+def test_muon_takes_the_hidden_matrices_and_adam_the_rest(small_mnist, run_dirs):
+    cfg = config(optimizer='muon', muon_learning_rate=0.02, num_epochs=1)
+    model = build_model(cfg, 10)
+    optimizer = training.make_optimizer(model, cfg)
+    linear = [m for _, m in quant_layers(model) if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 3
+    muon = optimizer.muon.param_groups[0]['params']
+    assert [id(p) for p in muon] == [id(m.weight) for m in linear[:-1]]     # the classifier stays with Adam
+    adam = [id(p) for group in optimizer.adam.param_groups for p in group['params']]
+    assert id(linear[-1].weight) in adam and not set(adam) & {id(p) for p in muon}
+    assert len(muon) + len(adam) == len(list(model.parameters()))
+    assert optimizer.muon.param_groups[0]['lr_scale'] == pytest.approx(0.02 / cfg['learning_rate'])   # one schedule
+    assert training.load_checkpoint(training.train(cfg, data=small_mnist, log=lambda *a: None))[2]['test_acc'] > 0.5
 
 
 def test_loss_label_smoothing_and_distillation():
