@@ -1,9 +1,10 @@
 """The integer model: what the MCU runs, a numpy reference that computes exactly what the C engine computes,
-and the packing of its weights into the arrays the C kernels read.
+the packing of its weights into the arrays the C kernels read, and the layer kinds (the last section: each kind
+is one class holding its reference step, its packing, its RAM and its C call).
 
     model (BitNetMCU.py) --to_int_model--> IntModel --reference_logits--> logits, bit-exact with C
                                               |
-                                              +--pack_model(layout)--> [PackedLayer] --> exportquant.py's header
+                                              +--pack_model(layout)--> [PackedLayer] --> modelheader.py's header
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -42,7 +43,7 @@ class IntModel:
     input_size: int = 16
 
     def weight_ops(self):
-        return [op for op in self.ops if op.weights is not None]
+        return [op for op in self.ops if op.kind.weighted]
 
 
 def integer_weights(layer, label):
