@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import chips  # noqa: E402
 import pipeline  # noqa: E402
 from chips import CHIPS, parse_report  # noqa: E402
 from mcu import chipsim  # noqa: E402
@@ -97,7 +98,7 @@ def main():
                                    images=100)
             # Built like the flashed image, except that kernels called once stay functions of their own (LTO
             # would fold them into main, where no call site separates them).
-            out = pipeline.make(args.target, work / 'model.h', work / 'test.bin', work / args.target, 'firmware',
+            out = chips.make(args.target, work / 'model.h', work / 'test.bin', work / args.target, 'firmware',
                                 f'CH32FUN={Path(args.ch32fun).resolve()}',
                                 'PROFILE_CFLAGS=-fno-inline-functions-called-once')
             if out.returncode:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import chips  # noqa: E402
 import pipeline  # noqa: E402
 from chips import CHIPS  # noqa: E402
 from config import load_config, run_name  # noqa: E402
@@ -62,7 +63,7 @@ def measure(name, data, work):
         t = m[target]
         row[target] = {'mean': t['sim']['mean'], 'accuracy': t['sim']['correct'] / t['sim']['images'],
                        'flash': t['flash'], 'stack': t['sim']['stack'], 'fits': t['fits'],
-                       'image': pipeline.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
+                       'image': chips.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
                                                        work / name / f'{target}-ch32fun', ch32fun_path())}
     return row
 

@@ -4,19 +4,18 @@
     python firmware.py size  --elf FLASH_ELF --sim-elf E --blob B    # flash/RAM use and peak stack
     python firmware.py nomul --elf E                                 # no mul/div, no libgcc multiply
 
-Called by mcu/Makefile (make sim / size / nomul / image); the work is pipeline.py's, which also holds the whole
-chain for one checkpoint (measure_model).
+Called by mcu/Makefile (make sim / size / nomul / image); the work is chips.py's (pipeline.py holds the
+whole chain for one checkpoint, measure_model).
 """
 import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the top level: pipeline.py and what it uses
-from chips import CHIPS, FirmwareError  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the top level: chips.py
+from chips import (CHIPS, MULTIPLY, FirmwareError, fit_problem, forbidden_arithmetic, multiply_uses,  # noqa: E402
+                   peak_stack, run_qemu, section_sizes)
 from mcu import chipsim  # noqa: E402
-from pipeline import (MULTIPLY, fit_problem, forbidden_arithmetic, multiply_uses, peak_stack, run_qemu,  # noqa: E402
-                      section_sizes)
 from testdata import StaleDataError  # noqa: E402
 
 

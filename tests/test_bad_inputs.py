@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cengine
+import chips
 import exportquant
 import modelheader
 import pipeline
@@ -476,11 +477,11 @@ def test_firmware_of_a_model_that_does_not_fit_says_by_how_much(small_mnist, mni
                                                  'network_width2': 64, 'network_width3': 64}),
                           data=small_mnist, log=lambda *a: None)
     pipeline.measure_model(path, tmp_path, mnist, targets=(), images=50)
-    run = pipeline.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim', 'size')
+    run = chips.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim', 'size')
     assert 'note: this model does not fit the CH32V003: flash' in run.stdout
     assert run.returncode != 0 and 'DOES NOT FIT: flash' in run.stdout and 'bytes over its 16384' in run.stdout
     blob = bytearray((tmp_path / 'test.bin').read_bytes())
     blob[16:20] = (header_fingerprint(tmp_path / 'model.h') ^ 1).to_bytes(4, 'little')   # made for another header
     (tmp_path / 'test.bin').write_bytes(bytes(blob))
-    run = pipeline.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim')
+    run = chips.make('CH32V003', tmp_path / 'model.h', tmp_path / 'test.bin', tmp_path / 'build', 'sim')
     assert run.returncode != 0 and 'was made for another model header' in run.stderr

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+import chips
 import pipeline
 from conftest import ROOT, original_checkpoint
 from mcu import chipsim
@@ -88,7 +89,7 @@ def test_sram_beyond_2k_exists_on_the_ch32v002(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def make(tmp_path, target, header, blob, *goals):
-    return pipeline.make(target, header, blob, tmp_path / target, *goals, f'CH32FUN={ch32fun()}')
+    return chips.make(target, header, blob, tmp_path / target, *goals, f'CH32FUN={ch32fun()}')
 
 
 @pytest.mark.slow
@@ -100,7 +101,7 @@ def test_flashed_image_fits_and_runs_on_the_emulated_chip(mnist, tmp_path, targe
     assert run_.returncode == 0, run_.stdout[-3000:] + run_.stderr[-3000:]
     assert 'images 3 correct 3 mismatches 0' in run_.stdout
     assert f'{target} (emulated chip, the flashed image)' in run_.stdout
-    flash, ram = pipeline.section_sizes(tmp_path / target / 'firmware.elf')
+    flash, ram = chips.section_sizes(tmp_path / target / 'firmware.elf')
     assert flash == (tmp_path / target / 'firmware.bin').stat().st_size     # the bytes minichlink writes
     if target == 'CH32V003':
         assert flash <= 15000                                                 # room left for a user's code

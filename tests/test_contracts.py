@@ -3,6 +3,7 @@ exists in the engine, for every layer kind and weight type; the test blob's magi
 the struct the assembly reads; and no code outside a layer kind's definition asks which kind an op is."""
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +162,12 @@ def test_a_new_kind_is_one_definition():
     text = header_text(halved, 'contract')
     assert 'BitNetMCU_halve(sums, 10u);\n    for (uint32_t i = 0; i < 10u; i++)' in text
     assert activation_ram(halved, [FC.pack(fc1, 'input-major', True)]) == 4 * 16   # the sums, to whole words
+
+
+def test_the_firmware_commands_start_without_torch():
+    """make runs mcu/firmware.py for every build and check: it and the chip module load no torch (seconds each)."""
+    out = subprocess.run([sys.executable, '-c',
+                          "import sys; sys.argv = ['firmware.py', '--help']; sys.path.insert(0, 'mcu'); import chips;"
+                          " from mcu import chipsim, firmware; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == 'False', out.stderr

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+import chips
 import pipeline
-from chips import CHIPS
 from conftest import ROOT, original_checkpoint
 from test_export import short_training
 from testdata import BLOB_HEADER_BYTES
@@ -23,7 +23,7 @@ def export_with_test_data(checkpoint, tmp_path, data):
 
 
 def make(tmp_path, target, header, blob, *goals):
-    return pipeline.make(target, header, blob, tmp_path / target, *goals)
+    return chips.make(target, header, blob, tmp_path / target, *goals)
 
 
 @pytest.mark.parametrize('target', ['CH32V003', 'CH32V002'])
@@ -108,9 +108,9 @@ def test_blob_of_another_format_or_header_is_refused_by_the_firmware_itself(mnis
     data = bytearray(blob.read_bytes())
     data[offset] ^= 0x0C                             # another version, or data made for another header
     blob.write_bytes(bytes(data))
-    run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', CHIPS['CH32V003'].qemu_cpu,
+    run = subprocess.run(['qemu-system-riscv32', '-M', 'virt', '-bios', 'none', '-cpu', chips.CHIPS['CH32V003'].qemu_cpu,
                           '-nographic', '-kernel', str(tmp_path / 'CH32V003' / 'sim.elf'), '-device',
-                          f'loader,file={blob},addr={pipeline.TESTSET_ADDR:#x},force-raw=on'],
+                          f'loader,file={blob},addr={chips.TESTSET_ADDR:#x},force-raw=on'],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0, what
     assert 'not a version-2 BitNetMCU blob made for this model header; run test_inference.py' in run.stdout
