@@ -361,8 +361,8 @@ class LayerKind:
         """The header's arrays of the layer: [(comment, C name, array)]; name is the layer's prefix."""
         raise NotImplementedError
 
-    def call(self, op, layer, name, f):
-        """The C lines of a step after the channel loop; f is the generated function's state (modelheader.py)."""
+    def call(self, op, layer, name, acts):
+        """The C lines of a step after the channel loop, reading acts.source (acts: modelheader.Activations)."""
         raise ExportError(f"{op.name}: a {self.name} after the fully connected layers has no kernel")
 
     def channel_call(self, op, layer, loop, pooled):
@@ -392,13 +392,13 @@ class FullyConnected(LayerKind):
         return arrays + [(f"{op.name}: fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, "
                           f"{op.qtype.name}, for {layer.kernel}()", f"{name}_weights", layer.words)]
 
-    def call(self, op, layer, name, f):
+    def call(self, op, layer, name, acts):
         n_out, n_in = op.weights.shape
-        args = f"{f.source}, {n_in}u, {name}_weights, sums, {n_out}u"
+        args = f"{acts.source}, {n_in}u, {name}_weights, sums, {n_out}u"
         if layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
             args += (f", input[0], {name}_rowsums" if layer.rowsums is not None
                      else ", BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS")
-        f.source, f.count = 'sums', n_out
+        acts.source, acts.count = 'sums', n_out
         return [f"    {layer.kernel}({args});"]
 
 
@@ -409,10 +409,10 @@ class ShiftNorm(LayerKind):
     def reference(self, op, x):
         return shiftnorm_relu(as_numpy(x).reshape(len(x), -1))
 
-    def call(self, op, layer, name, f):
-        f.act = max(f.act, f.count)
-        line = f"    BitNetMCU_shiftnorm_relu({f.source}, act, {f.count}u);"
-        f.source = 'act'
+    def call(self, op, layer, name, acts):
+        acts.act = max(acts.act, acts.count)
+        line = f"    BitNetMCU_shiftnorm_relu({acts.source}, act, {acts.count}u);"
+        acts.source = 'act'
         return [line]
 
 

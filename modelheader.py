@@ -40,20 +40,20 @@ def split_steps(int_model, packed):
 
 
 @dataclass
-class Function:
-    """The state of the generated function while the steps after the channel loop write their calls."""
+class Activations:
+    """Where the activations are while the steps after the channel loop write their calls."""
     source: str          # the C expression of the current activations
     count: int           # how many there are
     act: int = 0         # int8 elements the ShiftNorms write into `act`
 
 
-def fc_steps_ram(rest, source, count):
-    """Runs the steps after the channel loop: (their C lines, elements of `act` they need)."""
-    f = Function(source, count)
+def later_steps(rest, source, count):
+    """The calls of the steps after the channel loop: (their C lines, the elements of `act` they need)."""
+    acts = Activations(source, count)
     lines = []
     for op, layer, name in rest:
-        lines += op.kind.call(op, layer, name, f)
-    return lines, f.act
+        lines += op.kind.call(op, layer, name, acts)
+    return lines, acts.act
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def int8_planes(int_model, stack, sums, rest):
     convs = [(layer, name) for _, layer, name in stack if layer is not None]
     final = plane_sizes(int_model, stack)[-1]
     features = convs[0][0].op.weights.shape[0] * final * final
-    body, act = fc_steps_ram(rest, 'features', features)
+    body, act = later_steps(rest, 'features', features)
     features = max(features, act)   # the ShiftNorms' outputs reuse the features once the first layer has read them
     image, plane = size * size, (size - 2) ** 2
     extents = [2 * (size - 2 * (k + 1)) for k in range(leading_convs(stack))]
@@ -145,7 +145,7 @@ def int32_planes(int_model, stack, sums, rest):
     sizes = plane_sizes(int_model, stack)
     features = convs[0][0].op.weights.shape[0] * sizes[-1] ** 2
     scratch = max(max(size * size for size in sizes), sums)   # the maps, then the fully connected sums
-    body, act = fc_steps_ram(rest, 'features', features)
+    body, act = later_steps(rest, 'features', features)
     lines = [f"    int32_t scratch[{scratch}], *sums = scratch;"] + ([f"    int8_t act[{act}];"] if act else [])
     lines += [f"    int32_t features[{features}], *feature = features;",
               "    const int8_t " + ', '.join(f"*w{k} = {name}_weights" for k, (_, name) in enumerate(convs)) + ';',
@@ -160,7 +160,7 @@ PLANES = {'int32': int32_planes, 'int8': int8_planes}
 
 def no_planes(int_model, stack, sums, rest):
     """A model without convolutions: the sums and the ShiftNorms' outputs. Returns (lines, RAM bytes)."""
-    body, act = fc_steps_ram(rest, 'input', int_model.input_size ** 2)
+    body, act = later_steps(rest, 'input', int_model.input_size ** 2)
     return [f"    int32_t sums[{sums}];"] + ([f"    int8_t act[{act}];"] if act else []) + body, 4 * sums + act
 
 

@@ -151,8 +151,8 @@ def test_a_new_kind_is_one_definition():
         def reference(self, op, x):
             return x >> 1
 
-        def call(self, op, layer, name, f):
-            return [f"    BitNetMCU_halve({f.source}, {f.count}u);"]
+        def call(self, op, layer, name, acts):
+            return [f"    BitNetMCU_halve({acts.source}, {acts.count}u);"]
 
     rng = np.random.default_rng(1)
     fc1 = IntOp(FC, QUANT_TYPES['4bitsym'], weights_of(QUANT_TYPES['4bitsym'], (10, 256), rng), name='f0')
