@@ -31,9 +31,9 @@ class ChipSpec:
 
 CHIPS = {chip.name: chip for chip in (
     ChipSpec('CH32V003', 16 * 1024, 2 * 1024, multiplier=False, divider=False,
-         qemu_cpu='rv32,m=false,a=false,f=false,d=false'),
+             qemu_cpu='rv32,m=false,a=false,f=false,d=false'),
     ChipSpec('CH32V002', 16 * 1024, 4 * 1024, multiplier=True, divider=False,
-         qemu_cpu='rv32,a=false,f=false,d=false'),
+             qemu_cpu='rv32,a=false,f=false,d=false'),
 )}
 
 # What BitNetMCUdemo.c prints last; the peak stack only in the emulator build (it measures its own stack there).

@@ -109,10 +109,10 @@ def choose_int32_shifts(convs, image_bound=128):
     The float model's ReLU and RMS normalization do not see the scale; only the floor of each shift differs from
     it, so fewer shifted bits mean fewer images where float and integer model part (a fixed shift of 7 after
     every layer lost 64 images of the 16-wide zoo CNN, these 6)."""
+    gains = [int(np.abs(op.weights).sum(axis=1).max()) for op in convs]   # the most a layer multiplies its input by
     bound = image_bound
-    for k, op in enumerate(convs):
-        total = bound * int(np.abs(op.weights).sum(axis=1).max())   # the largest sum this layer can make
-        following = int(np.abs(convs[k + 1].weights).sum(axis=1).max()) if k + 1 < len(convs) else 1
+    for op, gain, following in zip(convs, gains, gains[1:] + [1]):
+        total = bound * gain   # the largest sum this layer can make
         op.shift = 0
         while (total >> op.shift) * following > INT32_MAX:
             op.shift += 1

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from BitNetMCU import build_model  # noqa: E402
 from config import load_config  # noqa: E402
 from dataset import load_dataset  # noqa: E402
-from training import epoch_data, pick_device, thread_count, train_epoch  # noqa: E402
+from training import epoch_data, make_optimizer, pick_device, thread_count, train_epoch  # noqa: E402
 
 CASES = {   # key: (title, config overrides, the original's s/epoch, our target s/epoch)
     'fc': ('FC 4bitsym 64/64/64 (default config)', {}, 38.9, 3.5),
@@ -39,7 +39,7 @@ def time_epochs(overrides, epochs, data, threads):
     torch.set_num_threads(threads or thread_count(cfg))
     torch.manual_seed(0)
     model = build_model(cfg, data['num_classes']).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg['learning_rate'])
+    optimizer = make_optimizer(model, cfg)
     times = []
     for epoch in range(epochs):
         start = time.perf_counter()
