@@ -4,9 +4,10 @@ The PyTorch side of the project. Read it top to bottom:
   1. quantization types  - one row per weight type (QUANT_TYPES): everything training, export, the integer
                            reference and the C engine need to know about it
   2. clipping scalar     - how each layer's clipping value `s` is chosen (prop / OCTAV)
-  3. layers              - BitLinear and BitConv2d: fake-quantized weights and 8-bit activations (STE)
-  4. models              - FCMNIST and CNNMNIST, each one flat nn.Sequential called `layers`, and DenseCNN, a
-                           float teacher for distillation that the MCU cannot run
+  3. layers              - BitLinear, BitConv2d and BitWindowLinear: fake-quantized weights and 8-bit
+                           activations (STE), or exactly the MCU's integers (Int8Output)
+  4. models              - FCMNIST, CNNMNIST and WindowFCMNIST, each one flat nn.Sequential called `layers`, and
+                           DenseCNN, a float teacher for distillation that the MCU cannot run
 Config loading is in config.py, the integer model the MCU runs in intmodel.py, checkpoints in checkpoint.py.
 """
 import math
@@ -135,6 +136,11 @@ class QuantType:
     @property
     def exportable(self):
         return bool(self.kernels)
+
+    @property
+    def window_kernel(self):
+        """The input-major kernel on a window of the image (a window stem's first layer), or None."""
+        return 'BitNetMCU_fc_window_' + self.name if 'input-major' in self.kernels else None
 
     @property
     def int_levels(self):
@@ -310,6 +316,13 @@ class QuantMixin:
             u, step = self.qtype.quantize(self.weight, self._s_view())
         return ((self.weight - u * step) / step).clamp(-0.5, 0.5).pow(2).mean()
 
+    def integer_weight(self):
+        """The weights as the integers the C kernel multiplies by; the gradient reaches the latent weights."""
+        with torch.no_grad():
+            u, step = self.qtype.quantize(self.weight, self._s_view())
+            unit = step / self.qtype.int_scale
+        return _StraightThrough.apply(self.weight / unit, u * self.qtype.int_scale)
+
     @torch.no_grad()
     def weight_levels(self):
         """The levels u the exporter packs (integers, or half-integers for the *sym types)."""
@@ -378,38 +391,17 @@ def top_quantile(flat, q):
     return torch.lerp(top[-1], top[n - 1 - above], rank - below)
 
 
-class BitConv2d(nn.Conv2d, QuantMixin):
-    """3x3 convolution with fake-quantized weights, no padding, no bias.
+class Int8Output:
+    """A layer whose integer sums the MCU requantizes by a fixed shift: clamp((sums + 2^shift/2) >> shift, 0, 127),
+    7-bit activations computed exactly as in C. act_shift is chosen from a running quantile of the sums
+    (act_peak) whenever the clipping scalar is, and frozen with it. Mixed into BitConv2d and BitWindowLinear."""
 
-    activations 'int32' (the original BitNetMCU's scheme): the MCU keeps 32-bit feature planes, so only the
-    image is quantized and the layers after it see full-precision activations.
-    activations 'int8': the layer computes exactly what the MCU computes. Its input is integer (the int8 image
-    or the previous layer's 0 .. 127), its weights are the integers the C kernel uses, and its output is
-    requantize(sums, act_shift): 7-bit planes, a quarter of the RAM of int32 ones. act_shift is chosen from a
-    running quantile of the sums (act_peak) whenever the clipping scalar is, and frozen with it.
-    """
+    def init_int8_output(self):
+        self.register_buffer('act_shift', torch.zeros(()))
+        self.register_buffer('act_peak', torch.zeros(()))
 
-    def __init__(self, in_channels, out_channels, groups=1, QuantType='8bit', WScale='PerTensor',
-                 maxw_algo='octav', quantscale=0.25, activations='int32'):
-        super().__init__(in_channels, out_channels, kernel_size=3, padding=0, groups=groups, bias=False)
-        self.int8_activations = activations == 'int8'
-        if self.int8_activations:
-            self.register_buffer('act_shift', torch.zeros(()))
-            self.register_buffer('act_peak', torch.zeros(()))
-        self.init_quant(QuantType, WScale, maxw_algo, quantscale)
-
-    def integer_weight(self):
-        """The weights as the integers the C kernel multiplies by; the gradient reaches the latent weights."""
-        with torch.no_grad():
-            u, step = self.qtype.quantize(self.weight, self._s_view())
-            unit = step / self.qtype.int_scale
-        return _StraightThrough.apply(self.weight / unit, u * self.qtype.int_scale)
-
-    def forward(self, x):
-        if not self.int8_activations:
-            return F.conv2d(x, self.quantized_weight(), groups=self.groups)
-        acc = F.conv2d(x, self.integer_weight(), groups=self.groups)
-        acc = _StraightThrough.apply(acc, acc.detach().round())   # exact integers, whatever the conv algorithm
+    def int8_output(self, acc):
+        acc = _StraightThrough.apply(acc, acc.detach().round())   # exact integers, whatever the algorithm
         if self.training:
             self.observe(acc)
         return requantize(acc, int(self.act_shift))
@@ -429,11 +421,71 @@ class BitConv2d(nn.Conv2d, QuantMixin):
         if self.act_peak > 0:
             self.act_shift.fill_(max(0, math.ceil(math.log2(float(self.act_peak) / (ACT_MAX + 0.5)))))
 
+
+class BitConv2d(nn.Conv2d, QuantMixin, Int8Output):
+    """3x3 convolution with fake-quantized weights, no padding, no bias.
+
+    activations 'int32' (the original BitNetMCU's scheme): the MCU keeps 32-bit feature planes, so only the
+    image is quantized and the layers after it see full-precision activations.
+    activations 'int8': the layer computes exactly what the MCU computes. Its input is integer (the int8 image
+    or the previous layer's 0 .. 127), its weights are the integers the C kernel uses, and its output is
+    the 7-bit planes of Int8Output, a quarter of the RAM of int32 ones.
+    """
+
+    def __init__(self, in_channels, out_channels, groups=1, QuantType='8bit', WScale='PerTensor',
+                 maxw_algo='octav', quantscale=0.25, activations='int32'):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=0, groups=groups, bias=False)
+        self.int8_activations = activations == 'int8'
+        if self.int8_activations:
+            self.init_int8_output()
+        self.init_quant(QuantType, WScale, maxw_algo, quantscale)
+
+    def forward(self, x):
+        if not self.int8_activations:
+            return F.conv2d(x, self.quantized_weight(), groups=self.groups)
+        return self.int8_output(F.conv2d(x, self.integer_weight(), groups=self.groups))
+
     @torch.no_grad()
     def update_clipping(self):
         super().update_clipping()
         if self.int8_activations:
             self.update_shift()
+
+
+class BitWindowLinear(nn.Module, QuantMixin, Int8Output):
+    """A window stem layer: one linear layer applied to every window of the image, in the MCU's exact integers.
+
+    The first layer of a stem (window = (size, stride)) reads the int8 image through size x size windows at the
+    stride, row-major; a later one reads the previous layer's 7-bit outputs of each window. Each window's sums
+    are requantized by the layer's fixed shift (Int8Output): one scale for all windows and images, so a window
+    needs no other window's sums in RAM. Weights (out, in) shared by every window, or (windows, out, in), one
+    set per window. Output (N, windows, out): flattened, the windows one after the other."""
+
+    def __init__(self, in_features, out_features, windows, shared=True, window=None, QuantType='4bitsym',
+                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25):
+        super().__init__()
+        self.window, self.windows = window, windows
+        shape = (out_features, in_features) if shared else (windows, out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape))
+        bound = 1 / math.sqrt(in_features)   # nn.Linear's initialization, per window
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.init_int8_output()
+        self.init_quant(QuantType, WScale, maxw_algo, quantscale)
+
+    def forward(self, x):
+        if self.window:
+            size, stride = self.window
+            x = F.unfold(x.view(-1, 1, 16, 16), size, stride=stride).transpose(1, 2)   # (N, windows, size^2)
+        else:
+            x = x.view(len(x), self.windows, -1)
+        w = self.integer_weight()
+        acc = x @ w.t() if w.dim() == 2 else torch.einsum('nwi,woi->nwo', x, w)
+        return self.int8_output(acc)
+
+    @torch.no_grad()
+    def update_clipping(self):
+        super().update_clipping()
+        self.update_shift()
 
 
 class _MaxPool2(torch.autograd.Function):
@@ -509,9 +561,12 @@ def hidden_widths(cfg):
     return widths + ([cfg['network_width3']] if cfg['network_width3'] > 0 else [])
 
 
-# Each model says what config.py needs to know of it: which CNN keys it reads (CNN_KEYS; the others it ignores),
-# why the MCU engine cannot run it (None: it can), and the architecture part of its run name.
+# Each model says what config.py needs to know of it: which of the keys only some models read it reads
+# (MODEL_KEYS; the others it ignores), why the MCU engine cannot run it (None: it can), and the architecture part
+# of its run name.
 CNN_KEYS = ('cnn_width', 'conv_QuantType', 'conv_activations')
+WINDOW_KEYS = ('window_size', 'window_stride', 'window_stem', 'window_shared')
+MODEL_KEYS = CNN_KEYS + WINDOW_KEYS
 
 
 def _quant_name(cfg):
@@ -520,7 +575,7 @@ def _quant_name(cfg):
 
 class FCMNIST(nn.Module):
     """256 -> width1 -> width2 -> [width3] -> classes, ReLU between, fully connected."""
-    cnn_keys, not_exportable = (), None
+    model_keys, not_exportable = (), None
 
     @staticmethod
     def run_label(cfg):
@@ -538,7 +593,7 @@ class FCMNIST(nn.Module):
 class CNNMNIST(nn.Module):
     """Sequential depthwise CNN: 16x16 -> conv 14x14 -> dw 12x12 -> pool 6x6 -> dw 4x4 -> pool 2x2 -> FC.
     conv_activations 'int8': every convolution ends in its own ReLU and 7-bit requantization (BitConv2d)."""
-    cnn_keys, not_exportable = CNN_KEYS, None
+    model_keys, not_exportable = CNN_KEYS, None
 
     @staticmethod
     def run_label(cfg):
@@ -564,11 +619,48 @@ class CNNMNIST(nn.Module):
         return self.layers(x.view(-1, 1, 16, 16))
 
 
+def window_count(cfg):
+    """Windows of window_size at window_stride across one side of the 16x16 image."""
+    return (16 - cfg['window_size']) // cfg['window_stride'] + 1
+
+
+class WindowFCMNIST(nn.Module):
+    """Windowed FC ("patch" model, the original's 2026 design): every window_size^2 window of the image at
+    window_stride (row-major) goes through a stem of 1-3 linear layers (window_stem widths), shared by all
+    windows or one per window (window_shared), with the MCU's exact integers and 7-bit outputs (BitWindowLinear);
+    the windows' outputs, one window after the other, feed a fully connected head (network_width1..3)."""
+    model_keys, not_exportable = WINDOW_KEYS, None
+
+    @staticmethod
+    def run_label(cfg):
+        n = window_count(cfg)
+        return (f"Win{n * n}s{cfg['window_stride']}{'' if cfg['window_shared'] else 'own'}_"
+                + 'x'.join(map(str, cfg['window_stem'])) + '_' + 'x'.join(map(str, hidden_widths(cfg))) + '_'
+                + _quant_name(cfg))
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        windows = window_count(cfg) ** 2
+        quant = dict(QuantType=cfg['QuantType'], WScale=cfg['WScale'], maxw_algo=cfg['maxw_algo'],
+                     quantscale=cfg['maxw_quantscale'])
+        widths = [cfg['window_size'] ** 2] + list(cfg['window_stem'])
+        stem = [BitWindowLinear(n_in, n_out, windows, cfg['window_shared'],
+                                window=(cfg['window_size'], cfg['window_stride']) if i == 0 else None, **quant)
+                for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]))]
+        head = [windows * widths[-1]] + hidden_widths(cfg) + [num_classes]
+        self.layers = nn.Sequential(InputQuant(integer=True), *stem, nn.Flatten(),
+                                    *_linear_stack(head, cfg, cfg['fc1_QuantType'] or cfg['QuantType'],
+                                                   int8_input=True))
+
+    def forward(self, x):
+        return self.layers(x.view(-1, 1, 16, 16))
+
+
 class DenseCNN(nn.Module):
     """A float CNN to distill from, not to export: full (not depthwise) convolutions with padding, so it sees far
     more of each digit than the MCU models can, and trains on a CPU in minutes. 16x16 -> 2x conv (cnn_width) ->
     pool 8x8 -> 2x conv (2 cnn_width) -> pool 4x4 -> linear network_width1 -> dropout 0.3 -> classes."""
-    cnn_keys, not_exportable = ('cnn_width',), 'is a float teacher for distillation'
+    model_keys, not_exportable = ('cnn_width',), 'is a float teacher for distillation'
 
     @staticmethod
     def run_label(cfg):
@@ -588,7 +680,7 @@ class DenseCNN(nn.Module):
         return self.layers(x.view(-1, 1, 16, 16))
 
 
-MODELS = {'FCMNIST': FCMNIST, 'CNNMNIST': CNNMNIST, 'DenseCNN': DenseCNN}
+MODELS = {'FCMNIST': FCMNIST, 'CNNMNIST': CNNMNIST, 'WindowFCMNIST': WindowFCMNIST, 'DenseCNN': DenseCNN}
 
 
 def build_model(cfg, num_classes):

@@ -190,9 +190,10 @@ SPECIALIZE uint32_t build_group_table(const int8_t *in, uint32_t left, int32_t z
  * look-up each (1- and 2-bit types: each group of inputs, one look-up for 4 or 2 weights); inputs equal to
  * `zero` are skipped and their share, zero * rowsums[o], added at the end.
  * Hidden layers pass zero = 0 (ReLU zeros are skipped for free); the first layer passes the image's
- * background value, so only the pixels of the digit cost anything. */
-SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
-                           int32_t zero, const int16_t *rowsums, enum qtype t)
+ * background value, so only the pixels of the digit cost anything. The inputs are `rows` rows of `cols`,
+ * `stride` apart (a window of the image; one row for a plain layer). */
+SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint32_t stride, const uint32_t *w,
+                           int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums, enum qtype t)
 {
     uint32_t group = log2_bits(t) < 2u ? 4u >> log2_bits(t) : 1u;
     uint32_t shift = group > 1u ? 2u : log2_bits(t), bits = 1u << shift;   /* of the code a look-up reads */
@@ -204,9 +205,10 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
     __asm__("" : "+r"(base)); /* keep the table's address in a register instead of re-deriving it from sp */
 #endif
     for (uint32_t o = 0; o < slots; o++) sums[o] = 0;
-    for (uint32_t i = 0; i < n_in; i += group) {
+    for (; rows; rows--, in += stride)
+    for (uint32_t i = 0; i < cols; i += group) {
         int32_t a = in[i] - zero;
-        if (group > 1u ? !build_group_table(in + i, n_in - i, zero, table, t) : a == 0) {
+        if (group > 1u ? !build_group_table(in + i, cols - i, zero, table, t) : a == 0) {
             w += words;
             continue;
         }
@@ -237,7 +239,11 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t n_in, const uint32_t *w, i
 #define BITNETMCU_DEFINE_FC(name, id, log2_bits)                                                  \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
     {                                                                                             \
-        fc_columns(input, n_in, weights, sums, n_out, zero, rowsums, id);                         \
+        fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, id);                 \
+    }                                                                                             \
+    BITNETMCU_FC_WINDOW_KERNEL(BitNetMCU_fc_window_##name)                                        \
+    {                                                                                             \
+        fc_columns(input, cols, rows, stride, weights, sums, n_out, zero, rowsums, id);           \
     }                                                                                             \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, id); }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_FC)
@@ -268,7 +274,7 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)
 }
 
 /* ------------------------------------------------------------------------------------------------
- * ShiftNorm, convolutions on int32 planes, pooling, argmax
+ * ShiftNorm, requantization, convolutions on int32 planes, pooling, argmax
  * ------------------------------------------------------------------------------------------------ */
 
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)
@@ -284,6 +290,15 @@ uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t
         output[i] = (int8_t)(v > 127u ? 127u : v);
     }
     return shift;
+}
+
+void BitNetMCU_requantize(const int32_t *sums, uint32_t shift, int8_t *output, uint32_t n)
+{
+    uint32_t half = (1u << shift) >> 1;
+    for (uint32_t i = 0; i < n; i++) {   /* a sum <= 0 gives 0: only positive ones are rounded, in unsigned range */
+        uint32_t v = sums[i] > 0 ? ((uint32_t)sums[i] + half) >> shift : 0u;
+        output[i] = (int8_t)(v > 127u ? 127u : v);
+    }
 }
 
 /* The 3x3 convolution, defined for an int8 (image) and an int32 (feature map) input. Output pixel

@@ -64,8 +64,15 @@ extern const int8_t BitNetMCU_nf4_levels[16];
     void name(const int8_t *input, uint32_t n_in, const void *weights, int32_t *sums, uint32_t n_out, \
               int32_t zero, const int16_t *rowsums)
 
+/* Window stems (WindowFCMNIST): the input-major kernel on a rows x cols window of a larger image whose rows lie
+ * `stride` bytes apart, read in place: input[r * stride + c] is the layer's input r * cols + c. cols is a multiple
+ * of 4, so that a group of 1- or 2-bit inputs never spans two rows. */
+#define BITNETMCU_FC_WINDOW_KERNEL(name)                                                                    \
+    void name(const int8_t *input, uint32_t cols, uint32_t rows, uint32_t stride, const void *weights,      \
+              int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums)
+
 /* The bit-packed types, one row each: X(name, id, log2 of the bits per code). Every row declares
- * BitNetMCU_fc_<name>() and BitNetMCU_fc_rows_<name>() here and defines both in BitNetMCU_inference.c;
+ * BitNetMCU_fc_<name>(), BitNetMCU_fc_window_<name>() and BitNetMCU_fc_rows_<name>() here and defines both in BitNetMCU_inference.c;
  * the row of the same name in BitNetMCU.py's QUANT_TYPES names these kernels. */
 #define BITNETMCU_FC_TYPES(X) \
     X(Binary, BINARY, 0)      \
@@ -78,6 +85,7 @@ extern const int8_t BitNetMCU_nf4_levels[16];
 
 #define BITNETMCU_DECLARE_FC(name, id, log2_bits) \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name); \
+    BITNETMCU_FC_WINDOW_KERNEL(BitNetMCU_fc_window_##name); \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name);
 BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_FC)
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
@@ -85,6 +93,10 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 /* ShiftNorm + ReLU: k = smallest shift with (max >> k) <= 127; output = clip((x + 2^k/2) >> k, 0, 127)
  * for x > 0, else 0. Returns k. */
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
+
+/* A window stem layer's requantization by its fixed shift: output[i] = clamp((sums[i] + 2^shift / 2) >> shift,
+ * 0, 127), the 7-bit activations it was trained with. */
+void BitNetMCU_requantize(const int32_t *sums, uint32_t shift, int8_t *output, uint32_t n);
 
 /* 3x3 convolution of one size x size channel (no padding) with int8 weights, then ReLU and a fixed
  * right shift: output[(size-2)^2] = max(0, sum) >> shift. Works in place (output == input). The

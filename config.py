@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from BitNetMCU import CNN_KEYS, CONV_TYPES, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
+from BitNetMCU import CONV_TYPES, MODEL_KEYS, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
 from dataset import DATASETS
 from fileio import PROJECT_DIR, read_bounded
 
@@ -44,6 +44,11 @@ def _file_name_part(v):
         "must be 1 to 64 letters, digits, '_', '-', '.' or '+', starting with a letter or digit (it names files)"
 
 
+def _stem_widths(v):
+    ok = 1 <= len(v) <= 3 and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in v)
+    return None if ok else f"must be a list of 1 to 3 widths from 1 to {MAX_WIDTH}, e.g. [32, 16]"
+
+
 def _threads(v):
     ok = v == 'auto' or (isinstance(v, int) and 1 <= v <= 256)
     return None if ok else "must be a whole number from 1 to 256 or 'auto'"
@@ -57,7 +62,8 @@ _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
 CONFIG_SCHEMA = {
     'model': (str, 'FCMNIST', _choice(*MODELS),
-              'FCMNIST (fully connected), CNNMNIST (depthwise CNN) or DenseCNN (a float teacher, not exportable)'),
+              'FCMNIST (fully connected), CNNMNIST (depthwise CNN), WindowFCMNIST (a stem per image window, then '
+              'fully connected) or DenseCNN (a float teacher, not exportable)'),
     'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
     'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
@@ -107,6 +113,10 @@ CONFIG_SCHEMA = {
     'rotation2': (_NUM, 5, _between(0, 180), 'affine random rotation, +/- degrees'),
     'elastictransformprobability': (_NUM, 0.5, _between(0, 1), 'share of augmented images elastically distorted'),
     'cnn_width': (int, 16, _between(1, MAX_WIDTH), 'CNNMNIST channels (DenseCNN: of its first two convolutions)'),
+    'window_size': (int, 8, _choice(4, 8, 12), 'WindowFCMNIST: the windows are window_size x window_size pixels'),
+    'window_stride': (int, 4, _choice(2, 4, 8), 'WindowFCMNIST: pixels between windows (8: 4 windows of 8, 4: 9, 2: 25)'),
+    'window_stem': (list, [32, 16], _stem_widths, 'WindowFCMNIST: widths of the stem layers every window goes through'),
+    'window_shared': (bool, True, None, 'WindowFCMNIST: one stem for all windows (false: one per window)'),
     'network_width1': (int, 64, _between(1, MAX_WIDTH), 'first hidden width'),
     'network_width2': (int, 64, _between(1, MAX_WIDTH), 'second hidden width'),
     'network_width3': (int, 64, _between(0, MAX_WIDTH), 'third hidden width (0: no third layer)'),
@@ -236,6 +246,10 @@ def load_config(path=None, overrides=None):
     if cfg['keep_best'] and not cfg['validation_images']:
         raise ConfigError("config key 'keep_best': true needs a validation set to choose the epoch by; set "
                           "validation_images (e.g. 5000)")
+    if 'window_stride' in MODELS[cfg['model']].model_keys and (16 - cfg['window_size']) % cfg['window_stride']:
+        fits = [stride for stride in (2, 4, 8) if (16 - cfg['window_size']) % stride == 0]
+        raise ConfigError(f"config key 'window_stride': {cfg['window_stride']} does not step {cfg['window_size']}-pixel "
+                          f"windows evenly across 16 pixels; with window_size {cfg['window_size']} use one of {fits}")
     if cfg['exportable']:
         problems = export_problems(cfg)
         if problems:
@@ -251,7 +265,7 @@ def export_problems(cfg):
         return [f"model {cfg['model']!r} {model.not_exportable}, which the MCU engine cannot run (exportable: "
                 f"{', '.join(name for name, m in MODELS.items() if not m.not_exportable)})"]
     problems = []
-    types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if 'conv_QuantType' in model.cnn_keys else [])
+    types = ['QuantType', 'fc1_QuantType'] + (['conv_QuantType'] if 'conv_QuantType' in model.model_keys else [])
     for key in types:
         value = cfg[key]
         if value is None:
@@ -263,6 +277,10 @@ def export_problems(cfg):
         elif key != 'conv_QuantType' and value not in EXPORTABLE_TYPES:
             problems.append(f"config key {key!r}: {value!r} has no integer form (exportable: "
                             f"{', '.join(EXPORTABLE_TYPES)})")
+    if 'window_stem' in model.model_keys and QUANT_TYPES[cfg['QuantType']].window_kernel is None \
+            and cfg['QuantType'] in EXPORTABLE_TYPES:
+        problems.append(f"config key 'QuantType': {cfg['QuantType']!r} has no kernel that reads a window of the image "
+                        f"(window stems: {', '.join(q for q in EXPORTABLE_TYPES if QUANT_TYPES[q].window_kernel)})")
     if cfg['NormType'] not in EXPORTABLE_NORMS:
         problems.append(f"config key 'NormType': {cfg['NormType']!r} subtracts a mean, which the MCU's ShiftNorm "
                         f"cannot do (exportable: {', '.join(EXPORTABLE_NORMS)})")
@@ -274,8 +292,8 @@ def export_problems(cfg):
 
 def ignored_keys(cfg):
     """Keys set away from their default that the chosen model does not use."""
-    reads = MODELS[cfg['model']].cnn_keys
-    return [key for key in CNN_KEYS if key not in reads and cfg[key] != CONFIG_SCHEMA[key][1]]
+    reads = MODELS[cfg['model']].model_keys
+    return [key for key in MODEL_KEYS if key not in reads and cfg[key] != CONFIG_SCHEMA[key][1]]
 
 
 def validate_config(raw):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from BitNetMCU import (CONV_TYPES, EXPORTABLE_TYPES, LAYOUTS, BitConv2d, BitLinear, InputQuant, QuantType,
-                       RMSNorm)
+from BitNetMCU import (CONV_TYPES, EXPORTABLE_TYPES, LAYOUTS, BitConv2d, BitLinear, BitWindowLinear, InputQuant,
+                       QuantType, RMSNorm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,6 +34,7 @@ class IntOp:
     weights: Optional[np.ndarray] = None
     shift: int = 0
     name: str = ''
+    window: Optional[tuple] = None   # a window stem's first layer: (size, stride) of the windows it reads
 
 
 @dataclass
@@ -85,6 +86,13 @@ def to_int_model(model):
             int32_convs.append(IntOp(CONV, module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
                                      name=label))
             ops.append(int32_convs[-1])
+        elif isinstance(module, BitWindowLinear):
+            if module.per_output:
+                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
+                                  "engine does not have; train with WScale PerTensor to export")
+            iw = integer_weights(module, label)
+            ops.append(IntOp(WINDOW_FC, module.qtype, iw[None] if iw.ndim == 2 else iw, int(module.act_shift), label,
+                             module.window))
         elif isinstance(module, nn.MaxPool2d):
             ops.append(IntOp(MAXPOOL, name=label))
         elif isinstance(module, BitLinear):
@@ -168,6 +176,19 @@ def qconv3x3(x, weights, shift):
     if not torch.equal(out, out.round()):
         raise ExportError("the float32 convolution of the reference was not exact")
     return sums, out.mul_(2.0 ** -shift).floor_().clamp_(0, 127)
+
+
+def image_windows(images, size, stride, side=16):
+    """(N, side^2) images -> (N, windows, size^2): the size x size windows at `stride`, row-major."""
+    views = np.lib.stride_tricks.sliding_window_view(images.reshape(len(images), side, side), (size, size), (1, 2))
+    windows = views[:, ::stride, ::stride]
+    return windows.reshape(len(images), -1, size * size)
+
+
+def requantize(sums, shift):
+    """A window stem layer's fixed-shift requantization, as BitNetMCU_requantize(): clamp((sum + 2^shift / 2) >> shift,
+    0, 127)."""
+    return np.clip((sums + ((1 << shift) >> 1)) >> shift, 0, 127)
 
 
 def maxpool2(x):
@@ -496,4 +517,64 @@ class Int8Conv3x3(Conv3x3):
         return call + f"BITNETMCU_NO_EXTENT, BITNETMCU_NO_FILL, {pool});"
 
 
+class WindowStem(LayerKind):
+    """A window stem layer (BitWindowLinear): a fully connected layer run on every window of the image and requantized
+    by its fixed shift, in the generated loop over the windows. Weights (stems, out, in): one stem shared by every
+    window, or one per window. The first layer (op.window set) reads its window in place in the image through the
+    type's window kernel; a later one reads the previous layer's 7-bit outputs of the same window. Its output, the
+    windows one after the other, is (N, windows x out)."""
+    name, weighted, per_channel, planes = 'window', True, True, 'windows'
+
+    def reference(self, op, x):
+        x = as_numpy(x)
+        x = image_windows(x.reshape(len(x), -1), *op.window) if op.window else x.reshape(len(x), -1, op.weights.shape[2])
+        w = op.weights.astype(np.float64)   # exact: every sum is an integer far below 2^53
+        sums = x.astype(np.float64) @ w[0].T if len(w) == 1 else np.einsum('nwi,woi->nwo', x.astype(np.float64), w)
+        sums = _check_int32(np.rint(sums).astype(np.int64), op)
+        return requantize(sums, op.shift).reshape(len(x), -1)
+
+    def pack(self, op, layout, reads_image):
+        if op.window:
+            if op.qtype.window_kernel is None:
+                raise ExportError(f"{op.name}: a window stem's first layer reads the image through an input-major "
+                                  f"kernel, which {op.qtype.name} has not; train it with one of "
+                                  f"{[q for q in EXPORTABLE_TYPES if q != op.qtype.name]}")
+            layout = 'input-major'
+        stems = [pack_fc(IntOp(FC, op.qtype, w), layout, skip_background=bool(op.window)) for w in op.weights]
+        first = stems[0]
+        if op.window and any(stem.rowsums is None for stem in stems):
+            raise ExportError(f"{op.name}: the sums of a window's weights do not fit int16")
+        rowsums = np.concatenate([stem.rowsums for stem in stems]) if op.window else None
+        return PackedLayer(op, op.qtype.window_kernel if op.window else first.kernel, first.layout,
+                           np.concatenate([stem.words for stem in stems]), first.outputs, rowsums)
+
+    def summary(self, layer):
+        stems, n_out, n_in = layer.op.weights.shape
+        return f"{n_in} -> {n_out} {'per window' if stems > 1 else 'shared'}", layer.op.qtype.bits
+
+    def arrays(self, layer, name):
+        op = layer.op
+        stems, n_out, n_in = op.weights.shape
+        arrays = []
+        if layer.rowsums is not None:
+            arrays.append((f"{op.name}: sum of each output's weights, for skipping the image background",
+                           f"{name}_rowsums", layer.rowsums))
+        return arrays + [(f"{op.name}: window stem {n_in} -> {n_out}, {'one per window' if stems > 1 else 'shared'}, "
+                          f"{op.qtype.name}, shift {op.shift}, for {layer.kernel}()", f"{name}_weights", layer.words)]
+
+    def channel_call(self, op, layer, loop, pooled):
+        """The calls for window `window` (modelheader.WindowLoop): the layer, then its requantization."""
+        n_out, n_in = op.weights.shape[1:]
+        weights, rowsums = loop.weights(layer)
+        if op.window:
+            size = op.window[0]
+            call = (f"{layer.kernel}({loop.src}, {size}u, {size}u, {loop.side}u, {weights}, sums, {n_out}u, input[0], "
+                    f"{rowsums});")
+        else:
+            call = f"{layer.kernel}({loop.src}, {n_in}u, {weights}, sums, {n_out}u"
+            call += ", BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);" if layer.layout == 'input-major' else ");"
+        return call + f"\n            BitNetMCU_requantize(sums, {op.shift}u, {loop.dst}, {n_out}u);"
+
+
 FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV = FullyConnected(), ShiftNorm(), MaxPool(), Conv3x3(), Int8Conv3x3()
+WINDOW_FC = WindowStem()

@@ -155,7 +155,69 @@ def int32_planes(int_model, stack, sums, rest):
     return lines + ["    }"] + body, 4 * (scratch + features) + act
 
 
-PLANES = {'int32': int32_planes, 'int8': int8_planes}
+# ------------------------------------------------------------------------------------------------
+# The window loop: every window of the image through the stem layers, into its slot of `features`
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class WindowLoop:
+    """A window's trip through the stem layers: where each layer reads and writes, and its weights."""
+    side: int               # the image's row length: the stride of a window's rows
+    prefixes: dict          # id(packed layer) -> the prefix of its arrays
+    pointers: dict          # a per-window stem's prefix -> (its weight pointer, its row sums pointer)
+    src: str = ''
+    dst: str = ''
+
+    def weights(self, layer):
+        """The C expressions of a layer's weights and row sums for the current window."""
+        prefix = self.prefixes[id(layer)]
+        return self.pointers.get(prefix) or (
+            f"{prefix}_weights", f"{prefix}_rowsums" if layer.rowsums is not None else 'BITNETMCU_NO_ROWSUMS')
+
+
+def window_stems(int_model, stack, sums, rest):
+    """Buffers and the window loop: each window in turn runs through every stem layer (one window's activations
+    are all the RAM the stem needs) and leaves its outputs in `features`, which the head reads. Returns (lines, RAM
+    bytes)."""
+    side = int_model.input_size
+    size, stride = stack[0][0].window
+    widths = [op.weights.shape[1] for op, _, _ in stack]
+    features = ((side - size) // stride + 1) ** 2 * widths[-1]
+    body, act = later_steps(rest, 'features', features)
+    lines = [f"    int32_t sums[{sums}];",
+             f"    int8_t features[{max(features, act)}];" + ("  /* the ShiftNorms' outputs reuse it */" if act else '')]
+    lines += ["    int8_t *act = features;"] if act else []
+    codes = max(widths[:-1], default=0)
+    lines += [f"    int8_t codes[{codes}];"] if codes else []
+    ctype = {'uint32': 'uint32_t', 'uint16': 'uint16_t'}
+    loop = WindowLoop(side, {id(layer): name for _, layer, name in stack}, {})
+    steps_ = []
+    for k, (op, layer, name) in enumerate(stack):
+        stems = op.weights.shape[0]
+        if stems > 1:   # one stem per window: pointers that move on a stem each window
+            weights = f"w{k}"
+            lines.append(f"    const {ctype[layer.words.dtype.name]} *w{k} = {name}_weights;")
+            steps_.append(f"w{k} += {layer.words.size // stems}")
+            rowsums = 'BITNETMCU_NO_ROWSUMS'
+            if layer.rowsums is not None:
+                rowsums = f"r{k}"
+                lines.append(f"    const int16_t *r{k} = {name}_rowsums;")
+                steps_.append(f"r{k} += {op.weights.shape[1]}")
+            loop.pointers[name] = (weights, rowsums)
+    last = side - size
+    lines += [f"    for (uint32_t y = 0, window = 0; y <= {last}u; y += {stride}u)",
+              f"        for (uint32_t x = 0; x <= {last}u; x += {stride}u, window++"
+              + ''.join(', ' + step for step in steps_) + ") {"]
+    loop.src = f"input + {side}u * y + x"
+    for k, (op, layer, name) in enumerate(stack):
+        loop.dst = f"features + {widths[-1]}u * window" if k == len(stack) - 1 else 'codes'
+        lines.append(f"            {op.kind.channel_call(op, layer, loop, False)}")
+        loop.src = 'codes'
+    ram = 4 * sums + max(features, act) + codes
+    return lines + ["        }"] + body, ram
+
+
+PLANES = {'int32': int32_planes, 'int8': int8_planes, 'windows': window_stems}
 
 
 def no_planes(int_model, stack, sums, rest):
@@ -211,7 +273,7 @@ def header_text(int_model, source_name, layout=LAYOUTS[0]):
             f"#define BITNETMCU_MODEL_INPUTS {int_model.input_size ** 2}\n"
             f"#define BITNETMCU_MODEL_CLASSES {int_model.num_classes}\n"
             f"#define BITNETMCU_MODEL_LAYERS {len(packed)}\n"
-            f"#define BITNETMCU_MODEL_FIRST_FC_INPUTS {first_fc.op.weights.shape[1]}\n\n"
+            f"#define BITNETMCU_MODEL_FIRST_FC_INPUTS {first_fc.op.weights.shape[-1]}\n\n"
             + '\n'.join(parts) + '\n' + infer_function(int_model, body) + "\n#endif\n")
     # The test data made for this header carries its fingerprint (testdata.py).
     return text.replace(layout_line, layout_line + fingerprint_line(text))
