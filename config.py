@@ -67,7 +67,8 @@ CONFIG_SCHEMA = {
     'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
     'QuantType': (str, '4bitsym', _choice(*QUANT_TYPES), 'weight quantization of the linear layers'),
     'fc1_QuantType': ((str, type(None)), None, _optional_choice(*QUANT_TYPES),
-                      'first linear layer override (null: QuantType for FCMNIST, 2bitsym for CNNMNIST)'),
+                      'first linear layer override (WindowFCMNIST: of the head; null: QuantType, or 2bitsym for '
+                      'CNNMNIST)'),
     'conv_QuantType': (str, '8bit', _choice(*QUANT_TYPES), 'CNNMNIST convolution weight quantization'),
     'conv_activations': (str, 'int32', _choice('int32', 'int8'),
                          'CNNMNIST feature planes on the MCU: int32 (as the original) or int8 (0..127 after each '

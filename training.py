@@ -94,11 +94,12 @@ def lr_at(cfg, epoch):
 
 class MuonAndAdam:
     """optimizer: muon. torch.optim.Muon on the weight matrices of every fully connected layer but the last (Muon
-    orthogonalizes a matrix's update), Adam on the classifier, the convolutions and the rest; stepped together.
-    Each param group keeps the ratio of its learning rate to learning_rate in 'lr_scale'."""
+    orthogonalizes a matrix's update; a shared window stem is one matrix too), Adam on the classifier, the
+    convolutions, per-window stems and the rest; stepped together. Each param group keeps the ratio of its learning
+    rate to learning_rate in 'lr_scale'."""
 
     def __init__(self, model, cfg):
-        linear = [m for _, m in quant_layers(model) if isinstance(m, nn.Linear)]
+        linear = [m for _, m in quant_layers(model) if m.weight.dim() == 2]
         hidden = [m.weight for m in linear[:-1]]
         rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
         self.muon = torch.optim.Muon(hidden, lr=cfg['muon_learning_rate'], weight_decay=0.0)

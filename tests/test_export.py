@@ -91,6 +91,38 @@ def test_int8_activation_cnn_exports_and_matches_on_10000_images(small_mnist, mn
     assert np.array_equal(features.numpy().reshape(500, -1), expected.reshape(500, -1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('qtype,stride,stem,shared', [('4bitsym', 4, [32, 16], True), ('2bitsym', 2, [16, 8], False),
+                                                      ('NF4', 8, [24], True), ('Binary', 4, [16, 8, 8], False),
+                                                      ('FP130', 2, [16, 8], True)])
+def test_window_models_export_and_match_on_10000_images(small_mnist, mnist, run_dirs, tmp_path, qtype, stride, stem,
+                                                        shared):
+    """WindowFCMNIST: the stems compute exactly what the C engine computes; C == Python on every image."""
+    path = short_training(small_mnist, run_dirs, model='WindowFCMNIST', QuantType=qtype, window_stride=stride,
+                          window_stem=stem, window_shared=shared, network_width3=0)
+    header = tmp_path / 'model.h'
+    assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
+    text = header.read_text()
+    assert f'BitNetMCU_fc_window_{qtype}(input + 16u * y + x, 8u, 8u, 16u, ' in text   # the image in place, no copy
+    assert text.count('BitNetMCU_requantize(') == len(stem)
+    net, _, _ = load_checkpoint(path)
+    int_model = to_int_model(net)
+    result = pipeline.verify(net, int_model, header, mnist, log=lambda *a: None)
+    assert result['n'] == 10000 and result['mismatches'] == 0 and result['c_acc'] > 0.2
+    # The float model's stem outputs (the head's input) are the integer model's, exactly, window by window.
+    images = torch.from_numpy(result['images'][:500]).float()
+    flatten = next(i for i, m in enumerate(net.layers) if isinstance(m, torch.nn.Flatten))
+    with torch.no_grad():
+        features = net.eval().layers[:flatten + 1](images.view(-1, 1, 16, 16))
+    stem_ops = [op for op in int_model.ops if op.kind.per_channel]
+    assert len(stem_ops) == len(stem) and stem_ops[0].weights.shape[0] == (1 if shared else ((16 - 8) // stride + 1) ** 2)
+    expected = reference_logits(type(int_model)(stem_ops, int_model.num_classes), result['images'][:500])
+    assert np.array_equal(features.numpy(), expected)
+    run = compile_host_program(tmp_path, header, result['images'][:200], result['labels'][:200],
+                               result['predictions'][:200], 'gcc')
+    assert run.returncode == 0 and '0 mismatches' in run.stdout, run.stdout
+
+
 def test_header_is_reproducible_byte_for_byte(small_mnist, run_dirs, tmp_path):
     path = short_training(small_mnist, run_dirs)
     for name in ('a.h', 'b.h'):

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
 from cengine import build_engine
-from intmodel import (FC, ExportError, IntOp, conv3x3_relu, fc, maxpool2, pack_codes, pack_fc, pack_qconv, qconv3x3,
-                      shiftnorm_relu)
+from intmodel import (FC, ExportError, IntOp, conv3x3_relu, fc, image_windows, maxpool2, pack_codes, pack_fc,
+                      pack_qconv, qconv3x3, requantize, shiftnorm_relu)
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
 settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
@@ -63,6 +63,46 @@ def test_fc_matches_python_for_every_type_and_layout(engine, case, layout, zero)
             len(weights)] + extra
     getattr(lib, layer.kernel)(*args)
     assert np.array_equal(out[:len(weights)], fc(x[None].astype(np.int64), weights)[0])
+
+
+WINDOW_TYPES = [name for name in EXPORTABLE_TYPES if QUANT_TYPES[name].window_kernel]
+
+
+@given(st.sampled_from(WINDOW_TYPES), st.sampled_from([(4, 4), (8, 2), (8, 4), (8, 8), (12, 4)]), st.integers(1, 40),
+       st.integers(0, 2 ** 32 - 1), int8_vectors(256), st.booleans())
+def test_window_fc_reads_every_window_in_place(engine, name, window, n_out, seed, image, background):
+    """BitNetMCU_fc_window_<type> on each window of a 16x16 image, read where it lies (row stride 16), is the
+    fully connected layer on the window's pixels; background pixels are skipped and added from the row sums."""
+    ffi, lib = engine
+    qtype, (size, stride) = QUANT_TYPES[name], window
+    weights = np.random.default_rng(seed).choice(qtype.int_levels, size=(n_out, size * size))
+    layer = pack_fc(IntOp(FC, qtype, weights), 'input-major', skip_background=True)
+    assume(layer.rowsums is not None)
+    image = image.copy()
+    if background:   # a digit on a plain background, as MNIST is: most inputs are skipped
+        image[np.random.default_rng(seed).random(256) < 0.7] = image[0]
+    windows = image_windows(image[None].astype(np.int64), size, stride)[0]
+    expected = fc(windows, weights)
+    packed, rowsums = np.ascontiguousarray(layer.words), np.ascontiguousarray(layer.rowsums)
+    per_side = (16 - size) // stride + 1
+    for k, want in enumerate(expected):
+        y, x = divmod(k, per_side)
+        out = np.full(layer.outputs, 12345, np.int32)
+        getattr(lib, qtype.window_kernel)(ffi.from_buffer('int8_t[]', image) + 16 * stride * y + stride * x, size, size,
+                                          16, ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out), n_out,
+                                          int(image[0]), ffi.from_buffer('int16_t[]', rowsums))
+        assert np.array_equal(out[:n_out], want)
+
+
+@given(st.integers(0, 24), st.integers(1, 300).flatmap(lambda n: st.one_of(
+    st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=n, max_size=n),
+    st.lists(st.integers(-3000, 3000), min_size=n, max_size=n), st.just([2 ** 31 - 1] * n))))
+def test_requantize_matches_python(engine, shift, values):
+    ffi, lib = engine
+    x = np.array(values, np.int32)
+    out = np.full(len(x), -1, np.int8)
+    lib.BitNetMCU_requantize(ffi.from_buffer('int32_t[]', x), shift, ffi.from_buffer('int8_t[]', out), len(x))
+    assert np.array_equal(out, requantize(x.astype(np.int64), shift))
 
 
 @given(st.integers(1, 300).flatmap(lambda n: st.one_of(
@@ -258,7 +298,7 @@ def test_every_kernel_of_the_type_table_is_in_the_engine_and_no_other(engine):
     """BitNetMCU.py's QUANT_TYPES and the header's BITNETMCU_FC_TYPES list name the same kernels (the cffi
     declarations come from the header itself)."""
     _, lib = engine
-    named = {kernel for q in QUANT_TYPES.values() for kernel in q.kernels.values()}
+    named = {kernel for q in QUANT_TYPES.values() for kernel in [*q.kernels.values(), q.window_kernel] if kernel}
     in_engine = {name for name in dir(lib) if name.startswith('BitNetMCU_fc_')}
     assert named == in_engine
 

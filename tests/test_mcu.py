@@ -90,6 +90,17 @@ def test_int8_activation_cnn_is_multiplier_free_and_exact_on_ch32v003(small_mnis
     assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
 
 
+def test_window_model_is_multiplier_free_and_exact_on_ch32v003(small_mnist, mnist, run_dirs, tmp_path):
+    """The quadrant model of the original's 2026 designs, a stem per window: QEMU's RV32EC core == the host."""
+    path = short_training(small_mnist, run_dirs, model='WindowFCMNIST', window_stride=8, window_stem=[32, 16],
+                          window_shared=False, network_width1=32, network_width2=32, network_width3=0)
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    run = make(tmp_path, 'CH32V003', header, blob, 'sim', 'size', 'nomul')
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert '10000 images' in run.stdout and ', 0 mismatches' in run.stdout and ': fits' in run.stdout
+    assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
+
+
 def test_64_wide_int8_activation_cnn_fits_the_ram_of_ch32v003(small_mnist, mnist, run_dirs, tmp_path):
     """int8 planes: the 64-wide CNN that needs 2,148 bytes of stack with int32 planes fits in 2 KB."""
     path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=64, network_width1=16,

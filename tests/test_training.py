@@ -159,6 +159,16 @@ def test_muon_takes_the_hidden_matrices_and_adam_the_rest(small_mnist, run_dirs)
     assert training.load_checkpoint(training.train(cfg, data=small_mnist, log=lambda *a: None))[2]['test_acc'] > 0.5
 
 
+def test_muon_takes_a_shared_window_stem_and_adam_the_per_window_ones():
+    for shared in (True, False):
+        cfg = config(optimizer='muon', model='WindowFCMNIST', window_stem=[16, 8], window_shared=shared)
+        model = build_model(cfg, 10)
+        muon = {id(p) for p in training.make_optimizer(model, cfg).muon.param_groups[0]['params']}
+        stems = [m.weight for _, m in quant_layers(model) if m.weight.dim() == (2 if shared else 3)][:2]
+        assert all((id(w) in muon) == shared for w in stems)
+        assert len(muon) == 2 + 2 * shared   # the head's hidden layers, and the stem's when shared
+
+
 def test_loss_label_smoothing_and_distillation():
     torch.manual_seed(0)
     out, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
