@@ -138,6 +138,11 @@ class QuantType:
         return bool(self.kernels)
 
     @property
+    def product_table(self):
+        """Whether a layer of 4-bit activations can multiply by look-up: one 4-bit code per weight, 16 x 16 products."""
+        return self.exportable and self.bits == 4 and self.packing == 'bits'
+
+    @property
     def window_kernel(self):
         """The input-major kernel on a window of the image (a window stem's first layer), or None."""
         return 'BitNetMCU_fc_window_' + self.name if 'input-major' in self.kernels else None
@@ -171,7 +176,7 @@ QUANT_TYPES = {q.name: q for q in [
               quantize=_quant_fp130, octav_bits=4, encode=_sign_magnitude(4, lambda m: np.log2(m).round()),
               kernels=_fc_kernels('FP130'), original_s_factor=4 / 3, description='sign x 2^e, e in 0..7, shifts only'),
     QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_nf4, octav_bits=4,
-              encode=_nf4_index, kernels=_fc_kernels('NF4'), int32_conv=True, multiplier_free=False,
+              encode=_nf4_index, kernels=_fc_kernels('NF4'), int32_conv=True,
               description='NormalFloat4 levels (rounded to int8) times s'),
     QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8, multiplier_free=False,
               description='float weights, for comparison only (not exportable)'),
@@ -206,6 +211,35 @@ def quantize_activations(x):
         scale = 127.0 / flat.abs().amax(dim=1).clamp_min(1e-5)
         scale = scale.view(-1, *([1] * (x.dim() - 1)))
         quantized = (x * scale).round().clamp(-128, 127) / scale
+    return _StraightThrough.apply(x, quantized)
+
+
+REQUANTIZERS = ('reciprocal', 'shift')   # 4-bit activations: how the MCU scales a layer's sums to 0 .. 15
+ACT4_MAX = 15
+
+
+def requantize4_scale(peak, requantizer):
+    """The factor that maps a layer's activations to 4-bit codes, min(floor(x * factor), 15) (reciprocal) or
+    min(floor(x * factor + 1/2), 15) (shift), from their largest value `peak` (per sample, > 0), as the MCU computes
+    it from integer sums (intmodel.requantize4): the 8-bit reciprocal s / 2^t, s = floor(15 * 2^t / peak) with t the
+    smallest exponent with 15 * 2^t >= peak, plus 7; or 2^-k, k the smallest with floor(peak / 2^k) <= 15."""
+    if requantizer == 'reciprocal':
+        t = torch.ceil(torch.log2(peak / ACT4_MAX)) + 7
+        t = t + (ACT4_MAX * torch.exp2(t - 7) < peak)   # log2's rounding: the exponent must reach peak
+        return torch.floor(ACT4_MAX * torch.exp2(t) / peak).clamp(max=255) * torch.exp2(-t)
+    k = torch.floor(torch.log2(peak / (ACT4_MAX + 1))) + 1
+    k = k + (torch.floor(peak * torch.exp2(-k)) > ACT4_MAX)
+    return torch.exp2(-k)
+
+
+def quantize_activations4(x, requantizer):
+    """4-bit activations 0 .. 15 of ReLU outputs x (N, features), straight-through gradient: the MCU's requantization
+    of the sums (requantize4_scale), on the float activations."""
+    with torch.no_grad():
+        peak = x.amax(dim=1, keepdim=True).clamp_min(1e-12)
+        scale = requantize4_scale(peak, requantizer)
+        codes = (x * scale + (0.5 if requantizer == 'shift' else 0.0)).floor().clamp(0, ACT4_MAX)
+        quantized = codes / scale
     return _StraightThrough.apply(x, quantized)
 
 
@@ -331,18 +365,22 @@ class QuantMixin:
 
 class BitLinear(nn.Linear, QuantMixin):
     """Norm -> 8-bit activations -> linear layer with fake-quantized weights. No bias.
-    int8_input: the input already is what the MCU holds (int8-activation convolution features), so it is
-    neither normalized nor quantized again."""
+    int8_input: the input already is what the MCU holds (int8-activation convolution or window stem features), so
+    it is neither normalized nor quantized again. requantizer (a hidden layer's ReLU outputs only): 4-bit
+    activations, scaled as the MCU's 'reciprocal' or 'shift' requantization does (None: 8-bit)."""
 
     def __init__(self, in_features, out_features, QuantType='4bitsym', NormType='RMS',
-                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25, int8_input=False):
+                 WScale='PerTensor', maxw_algo='octav', quantscale=0.25, int8_input=False, requantizer=None):
         super().__init__(in_features, out_features, bias=False)
         self.int8_input = int8_input
+        self.requantizer = requantizer
         self.norm = nn.Identity() if int8_input else make_norm(NormType, in_features)
         self.init_quant(QuantType, WScale, maxw_algo, quantscale)
 
     def forward(self, x):
-        if not self.int8_input:
+        if self.requantizer:
+            x = quantize_activations4(self.norm(x), self.requantizer)
+        elif not self.int8_input:
             x = quantize_activations(self.norm(x))
         return F.linear(x, self.quantized_weight())
 
@@ -544,13 +582,15 @@ class InputQuant(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 def _linear_stack(widths, cfg, first_qtype, int8_input=False):
-    """BitLinear layers through `widths`, ReLU between them, none after the classifier."""
+    """BitLinear layers through `widths`, ReLU between them, none after the classifier. The layers after the first
+    read activation_bits (8, or 4 requantized by `requantizer`)."""
     layers = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(BitLinear(n_in, n_out, QuantType=first_qtype if i == 0 else cfg['QuantType'],
                                 NormType=cfg['NormType'], WScale=cfg['WScale'],
                                 maxw_algo=cfg['maxw_algo'], quantscale=cfg['maxw_quantscale'],
-                                int8_input=int8_input and i == 0))
+                                int8_input=int8_input and i == 0,
+                                requantizer=cfg['requantizer'] if i > 0 and cfg['activation_bits'] == 4 else None))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
     return layers

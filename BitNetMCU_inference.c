@@ -42,7 +42,34 @@ SPECIALIZE uint32_t log2_bits(enum qtype t)
     return 0;
 }
 
-/* a times the weight that `code` stands for. Only 8bit and NF4 multiply. */
+/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
+SPECIALIZE int32_t multiply_small(int32_t a, int32_t b)
+{
+#ifdef BITNETMCU_NO_MUL
+    uint32_t m = a < 0 ? (uint32_t)-a : (uint32_t)a;
+    int32_t product = 0;
+    for (; m; m >>= 1, b = shl(b, 1))
+        if (m & 1u) product += b;
+    return a < 0 ? -product : product;
+#else
+    return a * b;
+#endif
+}
+
+/* The same, as one shared copy of the loop where it is not in a hot path (inline where it is a multiply). */
+#ifdef BITNETMCU_NO_MUL
+static NOINLINE int32_t times_small(int32_t a, int32_t b)
+{
+    return multiply_small(a, b);
+}
+#else
+SPECIALIZE int32_t times_small(int32_t a, int32_t b)
+{
+    return a * b;
+}
+#endif
+
+/* a times the weight that `code` stands for. Only 8bit multiplies (NF4: shifts and adds without a multiplier). */
 SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
 {
     int32_t v = 0;
@@ -70,7 +97,7 @@ SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
         v = shl(a, code & 7u);
         return (code & 8u) ? -v : v;
     case NF4:
-        return a * BitNetMCU_nf4_levels[code];
+        return multiply_small(a, BitNetMCU_nf4_levels[code]);
     }
     return 0;
 }
@@ -129,33 +156,6 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 
 /* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
-
-/* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
-SPECIALIZE int32_t multiply_small(int32_t a, int32_t b)
-{
-#ifdef BITNETMCU_NO_MUL
-    uint32_t m = a < 0 ? (uint32_t)-a : (uint32_t)a;
-    int32_t product = 0;
-    for (; m; m >>= 1, b = shl(b, 1))
-        if (m & 1u) product += b;
-    return a < 0 ? -product : product;
-#else
-    return a * b;
-#endif
-}
-
-/* The same, as one shared copy of the loop where it is not in a hot path (inline where it is a multiply). */
-#ifdef BITNETMCU_NO_MUL
-static NOINLINE int32_t times_small(int32_t a, int32_t b)
-{
-    return multiply_small(a, b);
-}
-#else
-SPECIALIZE int32_t times_small(int32_t a, int32_t b)
-{
-    return a * b;
-}
-#endif
 
 /* 1- and 2-bit types: the codes of 4 >> log2_bits consecutive inputs sit side by side as one 4-bit code. Half
  * of that code (one 2-bit input, or two 1-bit inputs) and its 4 summed products, from the inputs left (an input
@@ -277,19 +277,103 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)
  * ShiftNorm, requantization, convolutions on int32 planes, pooling, argmax
  * ------------------------------------------------------------------------------------------------ */
 
-uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)
+static int32_t largest(const int32_t *values, uint32_t n)
 {
-    int32_t max = input[0];
+    int32_t max = values[0];
     for (uint32_t i = 1; i < n; i++)
-        if (input[i] > max) max = input[i];
+        if (values[i] > max) max = values[i];
+    return max;
+}
+
+/* ReLU, then the smallest shift k that brings the largest input to `top` or less, with rounding. Returns k. */
+static uint32_t shift_relu(const int32_t *input, int8_t *output, uint32_t n, int32_t top)
+{
+    int32_t max = largest(input, n);
     uint32_t shift = 0;
-    while ((max >> shift) > 127) shift++;
+    while ((max >> shift) > top) shift++;
     uint32_t half = (1u << shift) >> 1;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t v = input[i] > 0 ? ((uint32_t)input[i] + half) >> shift : 0u;
-        output[i] = (int8_t)(v > 127u ? 127u : v);
+        output[i] = (int8_t)(v > (uint32_t)top ? (uint32_t)top : v);
     }
     return shift;
+}
+
+uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)
+{
+    return shift_relu(input, output, n, 127);
+}
+
+void BitNetMCU_requantize4_shift(const int32_t *sums, int8_t *output, uint32_t n)
+{
+    shift_relu(sums, output, n, 15);
+}
+
+/* s x a for an 8-bit s: at most 8 shifts and adds without a multiplier. */
+SPECIALIZE uint32_t times_u8(uint32_t s, uint32_t a)
+{
+#ifdef BITNETMCU_NO_MUL
+    uint32_t product = 0;
+    for (; s; s >>= 1, a <<= 1)
+        if (s & 1u) product += a;
+    return product;
+#else
+    return s * a;
+#endif
+}
+
+void BitNetMCU_requantize4_reciprocal(const int32_t *sums, int8_t *output, uint32_t n)
+{
+    int32_t max = largest(sums, n);
+    uint32_t peak = max > 0 ? (uint32_t)max : 1u, k = 0, s = 0;
+    while ((15u << k) < peak) k++;
+    /* s = floor(15 x 2^(k+7) / peak) by long division, without a divider: the quotient of 15 x 2^k (1, or up to 15
+     * when k = 0), then 7 more bits. The remainder stays below peak, so doubling it never overflows. */
+    uint32_t rest = 15u << k;
+    while (rest >= peak) {
+        rest -= peak;
+        s++;
+    }
+    for (uint32_t bit = 0; bit < 7u; bit++) {
+        rest <<= 1;
+        s <<= 1;
+        if (rest >= peak) {
+            rest -= peak;
+            s |= 1u;
+        }
+    }
+    if (s > 255u) s = 255u;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t v = sums[i] > 0 ? times_u8(s, (uint32_t)sums[i]) >> (k + 7u) : 0u;
+        output[i] = (int8_t)(v > 15u ? 15u : v);
+    }
+}
+
+void BitNetMCU_fc_products(const int8_t *input, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
+                           const int16_t *products)
+{
+    uint32_t words = (n_out + 7u) >> 3;
+    for (uint32_t o = 0; o < words << 3; o++) sums[o] = 0;
+    for (uint32_t i = 0; i < n_in; i++) {
+        uint32_t a = (uint8_t)input[i];
+        if (a == 0u) {
+            w += words;
+            continue;
+        }
+        const char *base = (const char *)(products + (a << 4));
+        int32_t *s = sums;
+        for (uint32_t k = 0; k < words; k++, s += 8) {
+            uint32_t word = *w++;
+            s[0] += TABLE4(word, 27);
+            s[1] += TABLE4(word, 23);
+            s[2] += TABLE4(word, 19);
+            s[3] += TABLE4(word, 15);
+            s[4] += TABLE4(word, 11);
+            s[5] += TABLE4(word, 7);
+            s[6] += TABLE4(word, 3);
+            s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
+        }
+    }
 }
 
 void BitNetMCU_requantize(const int32_t *sums, uint32_t shift, int8_t *output, uint32_t n)

@@ -6,8 +6,9 @@
  * function, BitNetMCU_model_infer(), that calls these kernels in order.
  *
  * Multiplier-free: with BITNETMCU_NO_MUL defined (automatic on RISC-V cores without a multiplier,
- * e.g. RV32EC on the CH32V003), the Binary, Ternary, 2bitsym, 4bitsym, 4bit and FP130 kernels use
- * only shifts and adds. 8bit, NF4 and the convolutions multiply in every build.
+ * e.g. RV32EC on the CH32V003), the Binary, Ternary, 2bitsym, 4bitsym, 4bit, FP130 and NF4 kernels, the
+ * int8-activation convolutions and the 4-bit activation kernels use only shifts and adds. The 8bit fully
+ * connected kernels and the int32-plane convolutions multiply in every build.
  */
 #ifndef BITNETMCU_INFERENCE_H
 #define BITNETMCU_INFERENCE_H
@@ -93,6 +94,20 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 /* ShiftNorm + ReLU: k = smallest shift with (max >> k) <= 127; output = clip((x + 2^k/2) >> k, 0, 127)
  * for x > 0, else 0. Returns k. */
 uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
+
+/* 4-bit activations (activation_bits: 4). A layer multiplies its inputs 0..15 by look-up: products[16 * a + code]
+ * is a times the weight of `code`, one int16 table of 256 per 4-bit weight type, in flash, so any codebook (NF4
+ * included) costs a code extraction, a load and an add per weight, without a multiplier. Weights in the
+ * input-major layout of the type; inputs of 0 are skipped; `sums` holds n_out rounded up to 8. */
+void BitNetMCU_fc_products(const int8_t *input, uint32_t n_in, const uint32_t *weights, int32_t *sums, uint32_t n_out,
+                           const int16_t *products);
+
+/* The sums of a layer to 4-bit activations, ReLU included (0 for a sum <= 0), with M the largest sum:
+ * _reciprocal: t = the smallest exponent with 15 x 2^t >= M, plus 7; s = min(floor(15 x 2^t / M), 255);
+ *              output = min((sum x s) >> t, 15). s x sum by shifts and adds without a multiplier; needs M <= 15 x 2^21.
+ * _shift:      k = the smallest shift with (M >> k) <= 15; output = min((sum + 2^k / 2) >> k, 15). */
+void BitNetMCU_requantize4_reciprocal(const int32_t *sums, int8_t *output, uint32_t n);
+void BitNetMCU_requantize4_shift(const int32_t *sums, int8_t *output, uint32_t n);
 
 /* A window stem layer's requantization by its fixed shift: output[i] = clamp((sums[i] + 2^shift / 2) >> shift,
  * 0, 127), the 7-bit activations it was trained with. */

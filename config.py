@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from BitNetMCU import CONV_TYPES, MODEL_KEYS, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
+from BitNetMCU import CONV_TYPES, MODEL_KEYS, REQUANTIZERS, EXPORTABLE_NORMS, EXPORTABLE_TYPES, MODELS, NORM_TYPES, QUANT_TYPES
 from dataset import DATASETS
 from fileio import PROJECT_DIR, read_bounded
 
@@ -73,6 +73,11 @@ CONFIG_SCHEMA = {
     'conv_activations': (str, 'int32', _choice('int32', 'int8'),
                          'CNNMNIST feature planes on the MCU: int32 (as the original) or int8 (0..127 after each '
                          'conv, a quarter of the RAM; the network is trained with exactly that rounding)'),
+    'activation_bits': (int, 8, _choice(8, 4), 'activations of the hidden fully connected layers: 8 (0..127) or 4 '
+                                               '(0..15: the MCU multiplies by look-up in a product table in flash)'),
+    'requantizer': (str, 'reciprocal', _choice(*REQUANTIZERS),
+                    'activation_bits 4: how the sums become 0..15: reciprocal (an 8-bit reciprocal of the largest sum, '
+                    'one small multiply per activation) or shift (a rounding shift)'),
     'NormType': (str, 'RMS', _choice(*NORM_TYPES), 'normalization before each linear layer'),
     'WScale': (str, 'PerTensor', _choice('PerTensor', 'PerOutput'), 'one clipping scalar per tensor or per row'),
     'maxw_algo': (str, 'octav', _choice('prop', 'octav'), 'how the clipping scalar s is chosen'),
@@ -282,6 +287,9 @@ def export_problems(cfg):
             and cfg['QuantType'] in EXPORTABLE_TYPES:
         problems.append(f"config key 'QuantType': {cfg['QuantType']!r} has no kernel that reads a window of the image "
                         f"(window stems: {', '.join(q for q in EXPORTABLE_TYPES if QUANT_TYPES[q].window_kernel)})")
+    if cfg['activation_bits'] == 4 and not QUANT_TYPES[cfg['QuantType']].product_table:
+        problems.append(f"config key 'QuantType': {cfg['QuantType']!r} has no product table for activation_bits 4 "
+                        f"(4-bit codes: {', '.join(q for q in QUANT_TYPES if QUANT_TYPES[q].product_table)})")
     if cfg['NormType'] not in EXPORTABLE_NORMS:
         problems.append(f"config key 'NormType': {cfg['NormType']!r} subtracts a mean, which the MCU's ShiftNorm "
                         f"cannot do (exportable: {', '.join(EXPORTABLE_NORMS)})")

@@ -35,6 +35,8 @@ class IntOp:
     shift: int = 0
     name: str = ''
     window: Optional[tuple] = None   # a window stem's first layer: (size, stride) of the windows it reads
+    input_bits: int = 8              # a fully connected layer's inputs: 8 bits, or 4 (multiplied by look-up)
+    requantizer: Optional[str] = None   # a 4-bit requantization: 'reciprocal' or 'shift'
 
 
 @dataclass
@@ -102,9 +104,12 @@ def to_int_model(model):
             if not isinstance(module.norm, (RMSNorm, nn.Identity)):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
                                   "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
-            if ops and not module.int8_input:   # the image, or int8 conv features, need no ShiftNorm
+            if module.requantizer:
+                ops.append(IntOp(REQUANTIZE4, name=f'{label} input', requantizer=module.requantizer))
+            elif ops and not module.int8_input:   # the image, or int8 conv features, need no ShiftNorm
                 ops.append(IntOp(SHIFTNORM, name=f'{label} input'))
-            ops.append(IntOp(FC, module.qtype, integer_weights(module, label), name=label))
+            ops.append(IntOp(FC, module.qtype, integer_weights(module, label), name=label,
+                             input_bits=4 if module.requantizer else 8))
         elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
             raise ExportError(f"{label}: {type(module).__name__} has no integer kernel")
     choose_int32_shifts(int32_convs)
@@ -143,6 +148,35 @@ def shiftnorm_relu(sums):
         shift += (peak >> shift) > 127
     half = (1 << shift) >> 1
     return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
+
+
+REQUANTIZE4_PEAK = 15 << 21   # the largest sum the 4-bit reciprocal requantization takes (its products stay in 32 bits)
+
+
+def requantize4(sums, requantizer):
+    """ReLU and 4-bit activations of each row's sums, as BitNetMCU_requantize4_<requantizer>() (see there)."""
+    peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
+    if requantizer == 'shift':
+        k = np.zeros_like(peak)
+        while ((peak >> k) > 15).any():
+            k += (peak >> k) > 15
+        return np.where(sums > 0, np.minimum((sums + ((1 << k) >> 1)) >> k, 15), 0)
+    if peak.max() > REQUANTIZE4_PEAK:
+        raise ExportError(f"a sum of {int(peak.max())} is beyond what the 4-bit reciprocal requantization takes "
+                          f"({REQUANTIZE4_PEAK}); use requantizer: shift")
+    k = np.zeros_like(peak)
+    while ((15 << k) < peak).any():
+        k += (15 << k) < peak
+    s = np.minimum((15 << (k + 7)) // peak, 255)
+    return np.minimum((np.maximum(sums, 0) * s) >> (k + 7), 15)
+
+
+def product_table(qtype):
+    """The 16 x 16 int16 products BitNetMCU_fc_products() looks up: row a (0..15), column code: a x its weight."""
+    levels = np.array(qtype.int_levels)
+    table = np.zeros((16, 16), np.int64)
+    table[:, qtype.encode(levels).astype(np.int64)] = np.arange(16)[:, None] * levels
+    return table.astype(np.int16)
 
 
 def fc(x, weights):
@@ -392,13 +426,22 @@ class LayerKind:
 
 
 class FullyConnected(LayerKind):
-    """int8 input -> int32 sums; weights (out, in) as the kernel multiplies them."""
+    """int8 input -> int32 sums; weights (out, in) as the kernel multiplies them. 4-bit inputs (op.input_bits):
+    BitNetMCU_fc_products(), which multiplies by look-up in the type's product table."""
     name, weighted = 'fc', True
 
     def reference(self, op, x):
         return _check_int32(fc(as_numpy(x).reshape(len(x), -1), op.weights), op)
 
+    def multiplies(self, op):
+        return op.input_bits == 8 and LayerKind.multiplies(self, op)
+
     def pack(self, op, layout, reads_image):
+        if op.input_bits == 4:
+            if not op.qtype.product_table:
+                raise ExportError(f"{op.name}: {op.qtype.name} weights have no product table for 4-bit activations")
+            layer = pack_fc(op, 'input-major')
+            return PackedLayer(op, 'BitNetMCU_fc_products', layer.layout, layer.words, layer.outputs)
         return pack_fc(op, layout, skip_background=reads_image)
 
     def summary(self, layer):
@@ -410,13 +453,18 @@ class FullyConnected(LayerKind):
         if layer.rowsums is not None:
             arrays.append((f"{op.name}: sum of each output's weights, for skipping the image background",
                            f"{name}_rowsums", layer.rowsums))
+        if op.input_bits == 4:   # one table per type: the header writes an array of a name once
+            arrays.append((f"4-bit activations 0..15 times every {op.qtype.name} code, for BitNetMCU_fc_products()",
+                           f"BitNetMCU_products_{op.qtype.name}", product_table(op.qtype)))
         return arrays + [(f"{op.name}: fully connected {op.weights.shape[1]} -> {op.weights.shape[0]}, "
                           f"{op.qtype.name}, for {layer.kernel}()", f"{name}_weights", layer.words)]
 
     def call(self, op, layer, name, acts):
         n_out, n_in = op.weights.shape
         args = f"{acts.source}, {n_in}u, {name}_weights, sums, {n_out}u"
-        if layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
+        if op.input_bits == 4:
+            args += f", BitNetMCU_products_{op.qtype.name}"
+        elif layer.layout == 'input-major':   # skip the background (first layer) or ReLU zeros
             args += (f", input[0], {name}_rowsums" if layer.rowsums is not None
                      else ", BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS")
         acts.source, acts.count = 'sums', n_out
@@ -433,6 +481,21 @@ class ShiftNorm(LayerKind):
     def call(self, op, layer, name, acts):
         acts.act = max(acts.act, acts.count)
         line = f"    BitNetMCU_shiftnorm_relu({acts.source}, act, {acts.count}u);"
+        acts.source = 'act'
+        return [line]
+
+
+class Requantize4(ShiftNorm):
+    """ReLU and 4-bit activations: int32 -> 0..15, by the 8-bit reciprocal of the largest sum or a rounding shift
+    (op.requantizer)."""
+    name = 'requantize4'
+
+    def reference(self, op, x):
+        return requantize4(as_numpy(x).reshape(len(x), -1), op.requantizer)
+
+    def call(self, op, layer, name, acts):
+        acts.act = max(acts.act, acts.count)
+        line = f"    BitNetMCU_requantize4_{op.requantizer}({acts.source}, act, {acts.count}u);"
         acts.source = 'act'
         return [line]
 
@@ -577,4 +640,4 @@ class WindowStem(LayerKind):
 
 
 FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV = FullyConnected(), ShiftNorm(), MaxPool(), Conv3x3(), Int8Conv3x3()
-WINDOW_FC = WindowStem()
+WINDOW_FC, REQUANTIZE4 = WindowStem(), Requantize4()

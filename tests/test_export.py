@@ -123,6 +123,31 @@ def test_window_models_export_and_match_on_10000_images(small_mnist, mnist, run_
     assert run.returncode == 0 and '0 mismatches' in run.stdout, run.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('requantizer,extra', [('reciprocal', dict(QuantType='NF4')),
+                                               ('shift', dict(QuantType='4bitsym', model='WindowFCMNIST',
+                                                              network_width3=0)),
+                                               ('reciprocal', dict(QuantType='FP130', model='CNNMNIST', cnn_width=6,
+                                                                   conv_activations='int8', network_width3=0))])
+def test_4_bit_activations_export_and_match_on_10000_images(small_mnist, mnist, run_dirs, tmp_path, requantizer,
+                                                           extra):
+    """activation_bits 4: the hidden layers multiply by look-up; C == Python on every image, and the float model
+    agrees with the integer one on all but a few."""
+    path = short_training(small_mnist, run_dirs, activation_bits=4, requantizer=requantizer, **extra)
+    header = tmp_path / 'model.h'
+    assert exportquant.main(['--checkpoint', str(path), '--output', str(header), '--no-eval']) == 0
+    text = header.read_text()
+    assert text.count(f"BitNetMCU_requantize4_{requantizer}(sums, act, ") == text.count('BitNetMCU_fc_products(act, ') >= 2
+    assert text.count(f"BitNetMCU_products_{extra['QuantType']}[256] = {{") == 1   # one table, whatever the layers
+    net, _, _ = load_checkpoint(path)
+    int_model = to_int_model(net)
+    assert not any(op.kind.multiplies(op) for op in int_model.ops[1:] if op.kind.weighted and op.input_bits == 4)
+    result = pipeline.verify(net, int_model, header, mnist, log=lambda *a: None)
+    assert result['n'] == 10000 and result['mismatches'] == 0 and result['c_acc'] > 0.5
+    float_pred = net.eval()(normalize(mnist['test_x16'])).argmax(1).numpy()
+    assert (float_pred != result['predictions']).mean() < 0.03
+
+
 def test_header_is_reproducible_byte_for_byte(small_mnist, run_dirs, tmp_path):
     path = short_training(small_mnist, run_dirs)
     for name in ('a.h', 'b.h'):

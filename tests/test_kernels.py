@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
 from cengine import build_engine
-from intmodel import (FC, ExportError, IntOp, conv3x3_relu, fc, image_windows, maxpool2, pack_codes, pack_fc,
-                      pack_qconv, qconv3x3, requantize, shiftnorm_relu)
+from intmodel import (FC, REQUANTIZE4_PEAK, ExportError, IntOp, conv3x3_relu, fc, image_windows, maxpool2, pack_codes,
+                      pack_fc, pack_qconv, product_table, qconv3x3, requantize, requantize4, shiftnorm_relu)
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
 settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
@@ -92,6 +92,44 @@ def test_window_fc_reads_every_window_in_place(engine, name, window, n_out, seed
                                           16, ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out), n_out,
                                           int(image[0]), ffi.from_buffer('int16_t[]', rowsums))
         assert np.array_equal(out[:n_out], want)
+
+
+PRODUCT_TYPES = [name for name in EXPORTABLE_TYPES if QUANT_TYPES[name].product_table]
+
+
+@given(st.sampled_from(PRODUCT_TYPES), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2 ** 32 - 1),
+       st.sampled_from(['random', 'zeros', 'fifteens']))
+def test_fc_products_multiplies_4_bit_activations_by_look_up(engine, name, n_in, n_out, seed, inputs):
+    ffi, lib = engine
+    qtype, rng = QUANT_TYPES[name], np.random.default_rng(seed)
+    weights = rng.choice(qtype.int_levels, size=(n_out, n_in))
+    x = {'random': rng.integers(0, 16, n_in), 'zeros': np.zeros(n_in), 'fifteens': np.full(n_in, 15)}[inputs]
+    x = x.astype(np.int8)
+    layer = pack_fc(IntOp(FC, qtype, weights), 'input-major')
+    out = np.full(layer.outputs, 12345, np.int32)
+    table = np.ascontiguousarray(product_table(qtype))
+    lib.BitNetMCU_fc_products(ffi.from_buffer('int8_t[]', x), n_in, ffi.from_buffer('uint32_t[]', layer.words.ravel()),
+                              ffi.from_buffer('int32_t[]', out), n_out, ffi.from_buffer('int16_t[]', table))
+    assert np.array_equal(out[:n_out], fc(x[None].astype(np.int64), weights)[0])
+
+
+@given(st.sampled_from(['reciprocal', 'shift']), st.integers(1, 300).flatmap(lambda n: st.one_of(
+    st.lists(st.integers(-REQUANTIZE4_PEAK, REQUANTIZE4_PEAK), min_size=n, max_size=n),
+    st.lists(st.integers(-40, 40), min_size=n, max_size=n), st.just([REQUANTIZE4_PEAK] * n), st.just([-7] * n),
+    st.just([1] * n))))
+def test_requantize4_matches_python(engine, requantizer, values):
+    ffi, lib = engine
+    x = np.array(values, np.int32)
+    out = np.full(len(x), -1, np.int8)
+    getattr(lib, f'BitNetMCU_requantize4_{requantizer}')(ffi.from_buffer('int32_t[]', x), ffi.from_buffer('int8_t[]', out),
+                                                         len(x))
+    expected = requantize4(x[None].astype(np.int64), requantizer)[0]
+    assert np.array_equal(out, expected)
+    peak = int(x.max())
+    if peak > 15:   # the largest sum lands at the top: the reciprocal's 14 or 15, the shift's 8 .. 15
+        assert expected.max() >= (14 if requantizer == 'reciprocal' else 8)
+    elif peak > 0:  # small sums: the shift keeps them, the reciprocal's s saturates at 255 (x 255 / 128)
+        assert expected.max() == (min(peak * 255 >> 7, 15) if requantizer == 'reciprocal' else peak)
 
 
 @given(st.integers(0, 24), st.integers(1, 300).flatmap(lambda n: st.one_of(
@@ -299,6 +337,7 @@ def test_every_kernel_of_the_type_table_is_in_the_engine_and_no_other(engine):
     declarations come from the header itself)."""
     _, lib = engine
     named = {kernel for q in QUANT_TYPES.values() for kernel in [*q.kernels.values(), q.window_kernel] if kernel}
+    named.add('BitNetMCU_fc_products')   # one kernel for every type with a product table
     in_engine = {name for name in dir(lib) if name.startswith('BitNetMCU_fc_')}
     assert named == in_engine
 

@@ -101,6 +101,16 @@ def test_window_model_is_multiplier_free_and_exact_on_ch32v003(small_mnist, mnis
     assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
 
 
+def test_nf4_with_4_bit_activations_is_multiplier_free_on_ch32v003(small_mnist, mnist, run_dirs, tmp_path):
+    """NF4 levels are no powers of two: the first layer's products are shifts and adds, the later ones look-ups."""
+    path = short_training(small_mnist, run_dirs, QuantType='NF4', activation_bits=4)
+    header, blob, _ = export_with_test_data(path, tmp_path, mnist)
+    run = make(tmp_path, 'CH32V003', header, blob, 'sim', 'size', 'nomul')
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert '10000 images' in run.stdout and ', 0 mismatches' in run.stdout and ': fits' in run.stdout
+    assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
+
+
 def test_64_wide_int8_activation_cnn_fits_the_ram_of_ch32v003(small_mnist, mnist, run_dirs, tmp_path):
     """int8 planes: the 64-wide CNN that needs 2,148 bytes of stack with int32 planes fits in 2 KB."""
     path = short_training(small_mnist, run_dirs, model='CNNMNIST', cnn_width=64, network_width1=16,

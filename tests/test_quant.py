@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from BitNetMCU import (NF4_LEVELS_INT8, QUANT_TYPES, BitConv2d, BitLinear, _StraightThrough, code_entropy_bits,
-                       clipping_scalar, fake_quantize_weight, octav_clip, octav_mse, quantize_activations, requantize,
-                       top_quantile)
+                       clipping_scalar, fake_quantize_weight, octav_clip, octav_mse, quantize_activations,
+                       quantize_activations4, requantize, requantize4_scale, top_quantile)
 
 QUANTIZED = [q.name for q in QUANT_TYPES.values() if q.levels is not None]
 
@@ -155,3 +155,19 @@ def test_top_quantile_is_torch_quantile_bit_for_bit(n):
     for values in (torch.randn(n, generator=g) * 1000, torch.randint(-3, 40, (n,), generator=g).float()):   # ties
         for q in (0.999, 0.5, 0.0, 1.0):
             assert torch.equal(top_quantile(values, q), torch.quantile(values, q)), (n, q)
+
+
+@pytest.mark.parametrize('requantizer', ['reciprocal', 'shift'])
+def test_4_bit_activations_in_training_are_the_mcus_requantization(requantizer):
+    """quantize_activations4 on integer sums gives the codes intmodel.requantize4 (and so the C kernel) gives, for
+    every peak the MCU meets above 15 (below it the MCU's exponent cannot go negative; training never sees such
+    sums, as only the scale of its RMS-normalized activations matters)."""
+    from intmodel import REQUANTIZE4_PEAK, requantize4
+    g = torch.Generator().manual_seed(0)
+    peaks = torch.cat([torch.arange(16, 3000), torch.randint(3000, REQUANTIZE4_PEAK + 1, (3000,), generator=g)])
+    sums = ((torch.rand(len(peaks), 40, generator=g, dtype=torch.float64) * 1.5 - 0.5) * peaks[:, None]).round()
+    sums[:, 0] = peaks.double()   # every row reaches its peak
+    x = sums.clamp_min(0)
+    dequantized = quantize_activations4(x, requantizer)
+    codes = (dequantized * requantize4_scale(peaks[:, None].double(), requantizer)).round()
+    assert torch.equal(codes, torch.from_numpy(requantize4(sums.long().numpy(), requantizer)).double())
