@@ -24,7 +24,9 @@ from chips import CHIPS  # noqa: E402
 from config import load_config, run_name  # noqa: E402
 from dataset import load_dataset  # noqa: E402
 from fileio import atomic_write  # noqa: E402
-from intmodel import pack_model  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from intmodel import pack_model, to_int_model  # noqa: E402
+from modelheader import header_text  # noqa: E402
 
 CH32FUN = ROOT.parent / 'shared' / 'ch32fun' / 'ch32fun'   # or a clone: CH32FUN=... in the environment
 CONFIGS = ROOT / 'configs'
@@ -41,11 +43,19 @@ ORIGINAL = {
     'cnn16_small': ('CNN 16 wide, small', 98.92, 3.2, '>= 99.0 % at <= 3.2 KB'),
     'cnn_v003': ('CNN 64 wide, FP130 convs, int8 planes, multiplier-free', None, None,
                  '>= 99.50 % on CH32V003, <= 1 M instr.'),
+    # The original's 2026 windowed FC figures: NF4 weights, 4-bit activations, Muon; PyTorch and a numpy
+    # emulation only, its times estimated (ours: 4bitsym, 8-bit activations, Adam; C, counted on the emulated chip).
+    'window9_4bitsym': ('Windowed FC, 9 windows (stride 4), shared stem 32/16, head 64/64, 4bitsym', 99.25,
+                        round(8256 / 1024, 2), '>= 99.30 % at <= 8,256 B'),
+    'window25_4bitsym': ('Windowed FC, 25 windows (stride 2), shared stem 32/8, head 64/64, 4bitsym', 99.37,
+                         round(9920 / 1024, 2), '>= 99.40 % at <= 9,920 B, <= 400,000 instr.'),
 }
 # The chip each model is made for: the CH32V003 (no multiplier, 2 KB RAM) unless it multiplies or needs
 # more RAM; then the CH32V002 (a multiplier, 4 KB RAM).
-TARGET = {name: 'CH32V002' if name in ('fc_nf4_64x3', 'cnn64_2bit_96x64', 'cnn16_small') else 'CH32V003'
-          for name in ORIGINAL}
+TARGET = {name: 'CH32V002' if name in ('cnn64_2bit_96x64', 'cnn16_small') else 'CH32V003' for name in ORIGINAL}
+# The original's published 2026 figures for the windowed designs: accuracy %, its spread, weight bytes at 4 bits.
+ORIGINAL_2026 = {'window9_4bitsym': (99.25, 0.04, 8256), 'window25_4bitsym': (99.37, 0.03, 9920)}
+SEEDS = ROOT / 'modeldata' / 'seeds'   # <name>_s<seed>.pth: every seed of a zoo config (the zoo keeps one)
 
 
 def measure(name, data, work):
@@ -57,6 +67,7 @@ def measure(name, data, work):
     r = m['verify']
     row = {'name': name, 'float': r['float_acc'], 'python': r['python_acc'], 'c': r['c_acc'],
            'mismatches': r['mismatches'], 'history': training_history(checkpoint), 'epochs': cfg['num_epochs'],
+           'seeds': seed_accuracies(name, data, work / name), 'macs': multiply_accumulates(m['int_model']),
            # weights alone in the original layout: what the original project's sizes count
            'weights': sum(layer.nbytes for layer in pack_model(m['int_model'], 'output-major'))}
     for target in CHIPS:
@@ -66,6 +77,43 @@ def measure(name, data, work):
                        'image': chips.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
                                                        work / name / f'{target}-ch32fun', ch32fun_path())}
     return row
+
+
+def seed_accuracies(name, data, work):
+    """The integer accuracy (C engine, every test image, 0 mismatches) of each seed of a zoo config in SEEDS."""
+    out = {}
+    for path in sorted(SEEDS.glob(f'{name}_s*.pth')):
+        model, _, _ = load_checkpoint(path)
+        int_model = to_int_model(model)
+        header = work / f'{path.stem}.h'
+        atomic_write(header, header_text(int_model, path.name))
+        r = pipeline.verify(model, int_model, header, data, log=lambda *a: None)
+        if r['mismatches']:
+            raise SystemExit(f"{path}: C and Python disagree on {r['mismatches']} images")
+        out[path.stem.rsplit('_s', 1)[1]] = r['c_acc']
+    return out
+
+
+def multiply_accumulates(int_model):
+    """Weights times the times each is used per inference, for the fully connected and window layers (a window
+    stem's weights once per window)."""
+    total, windows = 0, 1
+    for op in int_model.weight_ops():
+        if op.window:
+            windows = ((int_model.input_size - op.window[0]) // op.window[1] + 1) ** 2
+        if op.weights.ndim == 3:   # a window stem: (stems, out, in), run on every window
+            total += windows * op.weights.shape[1] * op.weights.shape[2]
+        elif not op.kind.per_channel:   # fully connected (a convolution's weights count per pixel: not here)
+            total += op.weights.size
+    return total
+
+
+def seeds_cell(seeds):
+    """mean ± half the range of the seeds' integer accuracies, their count."""
+    if len(seeds) < 2:
+        return '-'
+    acc = [100 * a for a in seeds.values()]
+    return f"{sum(acc) / len(acc):.2f} ± {(max(acc) - min(acc)) / 2:.2f} % ({len(acc)} seeds)"
 
 
 def ch32fun_path():
@@ -172,10 +220,12 @@ def markdown(rows):
              "Weight bytes count the weights alone, as the original project's figures do (its sizes are",
              "the KB figures it published). Zoo models were trained with OMP_NUM_THREADS=1:",
              "`OMP_NUM_THREADS=1 python training.py --params configs/<name>.yaml` reproduces them.", "",
-             "| model | target chip: fits, RAM, instr./inference | epochs | float | integer (C) | "
+             "Seeds: the integer accuracy over every seed trained of the config (`modeldata/seeds/`), mean ± half",
+             "the range; the zoo checkpoint is the seed of the best validation accuracy.", "",
+             "| model | target chip: fits, RAM, instr./inference | epochs | float | integer (C) | seeds | "
              "C vs Python mismatches | weight bytes | original | target | V003 instr./inference | "
              "V002 instr./inference | V003 flash | stack | flashed image, CH32V003 | flashed image, CH32V002 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         what, acc, size, target = ORIGINAL[row['name']]
         original = f"{acc:.2f} % at {size} KB" if acc is not None else '-'
@@ -187,9 +237,28 @@ def markdown(rows):
         on_target = (f"{chip}: fits, {image['ram']:,} B RAM, {row[chip]['mean']:,.0f}" if image['fits'] else
                      f"{chip}: does not fit")
         lines.append(f"| {what} | {on_target} | {row['epochs']} | {100 * row['float']:.2f} % | {100 * row['c']:.2f} % | "
+                     f"{seeds_cell(row['seeds'])} | "
                      f"{row['mismatches']} | {row['weights']} | {original} | {target} | {v3['mean']:,.0f} | "
                      f"{v2['mean']:,.0f} | {flash} | {v3['stack']} | {image_cell(v3['image'])} | "
                      f"{image_cell(v2['image'])} |")
+    windowed = [row for row in rows if row['name'] in ORIGINAL_2026]
+    if windowed:
+        lines += ["", "## The original's 2026 designs beside ours", "",
+                  "The original BitNetMCU's windowed FC figures (September 2026) come from PyTorch and a numpy emulation,",
+                  "two runs each (mean ± spread), NF4 weights with 4-bit activations and Muon; its times are estimates "
+                  "from",
+                  "its 2024 speed of about 21 cycles per multiply-accumulate at 48 MHz (marked: emulated, time "
+                  "estimated).",
+                  "Ours: the exported integer model in C, every figure counted on the emulated CH32V003.", "",
+                  "| design | original: accuracy | weights | time (emulated, time estimated) | this project: integer "
+                  "accuracy | seeds | weights | CH32V003 instructions / inference (counted) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in windowed:
+            acc, spread, weights = ORIGINAL_2026[row['name']]
+            estimate = row['macs'] * 21 / 48e3
+            lines.append(f"| {ORIGINAL[row['name']][0]} | {acc:.2f} ± {spread:.2f} % | {weights:,} B | "
+                         f"{row['macs']:,} multiply-accumulates: ~{estimate:.0f} ms | {100 * row['c']:.2f} % | "
+                         f"{seeds_cell(row['seeds'])} | {row['weights']:,} B | {row['CH32V003']['mean']:,.0f} |")
     lines += ["", "The flashed image (`make -C mcu firmware`, built with ch32fun, three test images): flash bytes and RAM "
               "(static + the stack measured on the emulated chip), or why it cannot go on that chip."]
     lines += ["", "![accuracy vs weight size](accuracy_vs_size.png)", "",
