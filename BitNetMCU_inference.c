@@ -127,24 +127,24 @@ SPECIALIZE void fc_rows(const int8_t *in, uint32_t n_in, const uint32_t *w, int3
 SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 {
     int32_t v = a, step = a + a;
+    int16_t *high = table + 8, *end = high;   /* codes 8-15 beside 0-7: a pointer each, no index arithmetic */
     switch (t) {
     case FOURBITSYM:   /* a, 3a, 5a, ... 15a and their negatives */
-        for (uint32_t m = 0; m < 8u; m++, v += step) {
-            table[m] = (int16_t)v;
-            table[m | 8u] = (int16_t)-v;
+        for (; table < end; v += step) {
+            *table++ = (int16_t)v;
+            *high++ = (int16_t)-v;
         }
         break;
     case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
-        for (uint32_t m = 0, v0 = 0; m < 8u; m++) {
-            table[m] = (int16_t)v0;
-            table[m | 8u] = (int16_t)((int32_t)v0 - shl(a, 3));
-            v0 += (uint32_t)a;
+        for (v = 0, step = -shl(a, 3); table < end; v += a) {
+            *table++ = (int16_t)v;
+            *high++ = (int16_t)(v + step);
         }
         break;
     case FP130:        /* a, 2a, 4a, ... 128a and their negatives */
-        for (uint32_t e = 0; e < 8u; e++, v += v) {
-            table[e] = (int16_t)v;
-            table[e | 8u] = (int16_t)-v;
+        for (; table < end; v += v) {
+            *table++ = (int16_t)v;
+            *high++ = (int16_t)-v;
         }
         break;
     default:           /* Binary, 2bitsym: 2 or 4 entries; NF4: 16 products */
@@ -188,12 +188,14 @@ SPECIALIZE uint32_t build_group_table(const int8_t *in, uint32_t left, int32_t z
 
 /* Input-major layout: each input that differs from `zero` adds its products to all outputs, one table
  * look-up each (1- and 2-bit types: each group of inputs, one look-up for 4 or 2 weights); inputs equal to
- * `zero` are skipped and their share, zero * rowsums[o], added at the end.
+ * `zero` are skipped and their share, zero * rowsums[o] (or background[o], where it was made once), added at
+ * the end.
  * Hidden layers pass zero = 0 (ReLU zeros are skipped for free); the first layer passes the image's
  * background value, so only the pixels of the digit cost anything. The inputs are `rows` rows of `cols`,
  * `stride` apart (a window of the image; one row for a plain layer). */
 SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint32_t stride, const uint32_t *w,
-                           int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums, enum qtype t)
+                           int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums,
+                           const int32_t *background, enum qtype t)
 {
     uint32_t group = log2_bits(t) < 2u ? 4u >> log2_bits(t) : 1u;
     uint32_t shift = group > 1u ? 2u : log2_bits(t), bits = 1u << shift;   /* of the code a look-up reads */
@@ -232,18 +234,25 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
                 *s++ += times_code(a, word >> 24, t);
         }
     }
-    if (zero != 0)
+    if (background)
+        for (uint32_t o = 0; o < n_out; o++) sums[o] += background[o];
+    else if (zero != 0)
         for (uint32_t o = 0; o < n_out; o++) sums[o] += multiply_small(zero, rowsums[o]);
+}
+
+void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *background, uint32_t n)
+{
+    for (uint32_t o = 0; o < n; o++) background[o] = times_small(zero, rowsums[o]);
 }
 
 #define BITNETMCU_DEFINE_FC(name, id, log2_bits)                                                  \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
     {                                                                                             \
-        fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, id);                 \
+        fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, NULL, id);           \
     }                                                                                             \
     BITNETMCU_FC_WINDOW_KERNEL(BitNetMCU_fc_window_##name)                                        \
     {                                                                                             \
-        fc_columns(input, cols, rows, stride, weights, sums, n_out, zero, rowsums, id);           \
+        fc_columns(input, cols, rows, stride, weights, sums, n_out, zero, NULL, background, id);  \
     }                                                                                             \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, id); }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_FC)

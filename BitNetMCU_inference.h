@@ -67,10 +67,15 @@ extern const int8_t BitNetMCU_nf4_levels[16];
 
 /* Window stems (WindowFCMNIST): the input-major kernel on a rows x cols window of a larger image whose rows lie
  * `stride` bytes apart, read in place: input[r * stride + c] is the layer's input r * cols + c. cols is a multiple
- * of 4, so that a group of 1- or 2-bit inputs never spans two rows. */
+ * of 4, so that a group of 1- or 2-bit inputs never spans two rows. Inputs equal to `zero` are skipped and
+ * background[o] added instead: zero x the sum of output o's weights, made once per image for every window
+ * (BitNetMCU_background_sums). */
 #define BITNETMCU_FC_WINDOW_KERNEL(name)                                                                    \
     void name(const int8_t *input, uint32_t cols, uint32_t rows, uint32_t stride, const void *weights,      \
-              int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums)
+              int32_t *sums, uint32_t n_out, int32_t zero, const int32_t *background)
+
+/* background[o] = zero x rowsums[o], o < n: the share of the skipped inputs in a window stem's sums. */
+void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *background, uint32_t n);
 
 /* The bit-packed types, one row each: X(name, id, log2 of the bits per code). Every row declares
  * BitNetMCU_fc_<name>(), BitNetMCU_fc_window_<name>() and BitNetMCU_fc_rows_<name>() here and defines both in BitNetMCU_inference.c;

@@ -629,10 +629,15 @@ class WindowStem(LayerKind):
         """The calls for window `window` (modelheader.WindowLoop): the layer, then its requantization."""
         n_out, n_in = op.weights.shape[1:]
         weights, rowsums = loop.weights(layer)
-        if op.window:
+        if op.window:   # the background's share: once per image for a shared stem, else for each window's own
             size = op.window[0]
             call = (f"{layer.kernel}({loop.src}, {size}u, {size}u, {loop.side}u, {weights}, sums, {n_out}u, input[0], "
-                    f"{rowsums});")
+                    "background);")
+            background = f"BitNetMCU_background_sums(input[0], {rowsums}, background, {n_out}u);"
+            if op.weights.shape[0] == 1:
+                loop.before.append(f"    {background}")
+            else:
+                call = background + "\n            " + call
         else:
             call = f"{layer.kernel}({loop.src}, {n_in}u, {weights}, sums, {n_out}u"
             call += ", BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);" if layer.layout == 'input-major' else ");"

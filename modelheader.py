@@ -7,7 +7,7 @@ buffers on the stack, then the per-channel convolutions in one loop over the cha
 all the RAM they need), then the other steps in order; every call is the one its kind writes.
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from BitNetMCU import LAYOUTS
 from fileio import c_array
@@ -167,6 +167,7 @@ class WindowLoop:
     pointers: dict          # a per-window stem's prefix -> (its weight pointer, its row sums pointer)
     src: str = ''
     dst: str = ''
+    before: list = field(default_factory=list)   # lines a layer needs once before the loop
 
     def weights(self, layer):
         """The C expressions of a layer's weights and row sums for the current window."""
@@ -205,15 +206,17 @@ def window_stems(int_model, stack, sums, rest):
                 steps_.append(f"r{k} += {op.weights.shape[1]}")
             loop.pointers[name] = (weights, rowsums)
     last = side - size
-    lines += [f"    for (uint32_t y = 0, window = 0; y <= {last}u; y += {stride}u)",
-              f"        for (uint32_t x = 0; x <= {last}u; x += {stride}u, window++"
-              + ''.join(', ' + step for step in steps_) + ") {"]
-    loop.src = f"input + {side}u * y + x"
+    loop.src, calls = f"input + {side}u * y + x", []
     for k, (op, layer, name) in enumerate(stack):
         loop.dst = f"features + {widths[-1]}u * window" if k == len(stack) - 1 else 'codes'
-        lines.append(f"            {op.kind.channel_call(op, layer, loop, False)}")
+        calls.append(f"            {op.kind.channel_call(op, layer, loop, False)}")
         loop.src = 'codes'
-    ram = 4 * sums + max(features, act) + codes
+    background = stack[0][0].weights.shape[1]   # the first layer's outputs: their background share
+    lines += [f"    int32_t background[{background}];"] + loop.before
+    lines += [f"    for (uint32_t y = 0, window = 0; y <= {last}u; y += {stride}u)",
+              f"        for (uint32_t x = 0; x <= {last}u; x += {stride}u, window++"
+              + ''.join(', ' + step for step in steps_) + ") {"] + calls
+    ram = 4 * (sums + background) + max(features, act) + codes
     return lines + ["        }"] + body, ram
 
 

@@ -84,13 +84,17 @@ def test_window_fc_reads_every_window_in_place(engine, name, window, n_out, seed
     windows = image_windows(image[None].astype(np.int64), size, stride)[0]
     expected = fc(windows, weights)
     packed, rowsums = np.ascontiguousarray(layer.words), np.ascontiguousarray(layer.rowsums)
+    background = np.zeros(n_out, np.int32)
+    lib.BitNetMCU_background_sums(int(image[0]), ffi.from_buffer('int16_t[]', rowsums),
+                                  ffi.from_buffer('int32_t[]', background), n_out)
+    assert np.array_equal(background, int(image[0]) * layer.rowsums.astype(np.int64))
     per_side = (16 - size) // stride + 1
     for k, want in enumerate(expected):
         y, x = divmod(k, per_side)
         out = np.full(layer.outputs, 12345, np.int32)
         getattr(lib, qtype.window_kernel)(ffi.from_buffer('int8_t[]', image) + 16 * stride * y + stride * x, size, size,
                                           16, ffi.from_buffer(packed), ffi.from_buffer('int32_t[]', out), n_out,
-                                          int(image[0]), ffi.from_buffer('int16_t[]', rowsums))
+                                          int(image[0]), ffi.from_buffer('int32_t[]', background))
         assert np.array_equal(out[:n_out], want)
 
 
