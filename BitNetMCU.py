@@ -35,6 +35,9 @@ NF4_LEVELS_FLOAT = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
                     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 NF4_LEVELS_INT8 = [round(v * 127) for v in NF4_LEVELS_FLOAT]
+# NormalFloat2 (the original BitNetMCU's 2026 type): +-0.2998 and +-1, as the integers +-3 and +-10 (0.3: small
+# enough that a group of two inputs' summed products fits the kernels' int16 tables, and x3, x10 are two adds).
+NF2_LEVELS = [-10, -3, 3, 10]
 
 
 # Binary and Ternary take their statistics over the whole tensor: the integer engine has one scale per
@@ -72,13 +75,16 @@ def _quant_fp130(w, s):
     return torch.where(w >= 0, 1.0, -1.0) * torch.exp2(e), s / 128
 
 
-_NF4 = torch.tensor(NF4_LEVELS_INT8, dtype=torch.float32)
+def _quant_normal_float(integer_levels):
+    """The nearest of the integer levels (the largest is `top`) to w / s * top, times s / top."""
+    table = torch.tensor(integer_levels, dtype=torch.float32)
+    top = max(integer_levels)
 
-
-def _quant_nf4(w, s):
-    levels = _NF4.to(w.device)
-    idx = ((w / s).clamp(-1, 1).unsqueeze(-1) * 127 - levels).abs().argmin(dim=-1)
-    return levels[idx], s / 127
+    def quantize(w, s):
+        levels = table.to(w.device)
+        idx = ((w / s).clamp(-1, 1).unsqueeze(-1) * top - levels).abs().argmin(dim=-1)
+        return levels[idx], s / top
+    return quantize
 
 
 def _quant_none(w, s):
@@ -98,6 +104,11 @@ def _twos_complement(bits):
 def _nf4_index(iw):
     levels = np.array(NF4_LEVELS_INT8)
     return np.abs(iw[..., None] - levels).argmin(-1).astype(np.uint32)
+
+
+def _nf2_code(iw):
+    """sign bit, then 1 for the outer level (|w| = 10) and 0 for the inner one (3)."""
+    return ((iw < 0).astype(np.uint32) << 1) | (np.abs(iw) == 10).astype(np.uint32)
 
 
 def _trit(iw):
@@ -175,7 +186,10 @@ QUANT_TYPES = {q.name: q for q in [
     QuantType(name='FP130', bits=4, levels=tuple(sign * 2 ** e for sign in (-1, 1) for e in range(8)),
               quantize=_quant_fp130, octav_bits=4, encode=_sign_magnitude(4, lambda m: np.log2(m).round()),
               kernels=_fc_kernels('FP130'), original_s_factor=4 / 3, description='sign x 2^e, e in 0..7, shifts only'),
-    QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_nf4, octav_bits=4,
+    QuantType(name='NF2', bits=2, levels=tuple(NF2_LEVELS), quantize=_quant_normal_float(NF2_LEVELS),
+              octav_bits=2, encode=_nf2_code, kernels=_fc_kernels('NF2'), int32_conv=True,
+              description='NormalFloat2 levels +-0.3, +-1 (+-3, +-10) times s, multiplier-free'),
+    QuantType(name='NF4', bits=4, levels=tuple(NF4_LEVELS_INT8), quantize=_quant_normal_float(NF4_LEVELS_INT8), octav_bits=4,
               encode=_nf4_index, kernels=_fc_kernels('NF4'), int32_conv=True,
               description='NormalFloat4 levels (rounded to int8) times s'),
     QuantType(name='None', bits=32, levels=None, quantize=_quant_none, octav_bits=8, multiplier_free=False,

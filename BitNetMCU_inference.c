@@ -96,6 +96,9 @@ SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
     case FP130:
         v = shl(a, code & 7u);
         return (code & 8u) ? -v : v;
+    case NF2:          /* 3a or 10a: two adds */
+        v = shl(a, 1) + ((code & 1u) ? shl(a, 3) : a);
+        return (code & 2u) ? -v : v;
     case NF4:
         return multiply_small(a, BitNetMCU_nf4_levels[code]);
     }
@@ -164,7 +167,7 @@ SPECIALIZE void group_half(const int8_t *in, uint32_t left, int32_t zero, int32_
 {
     int32_t x0 = left > 0u ? in[0] - zero : 0, x1 = left > 1u ? in[1] - zero : 0;
     for (uint32_t c = 0; c < 4u; c++)
-        half[c] = t == TWOBITSYM ? times_code(x0, c, t) : times_code(x0, c >> 1, t) + times_code(x1, c & 1u, t);
+        half[c] = log2_bits(t) == 1u ? times_code(x0, c, t) : times_code(x0, c >> 1, t) + times_code(x1, c & 1u, t);
 }
 
 /* The table of a group: for each 4-bit code, the sum of the group's products. Returns 0 where every input of
@@ -201,7 +204,7 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
     uint32_t shift = group > 1u ? 2u : log2_bits(t), bits = 1u << shift;   /* of the code a look-up reads */
     uint32_t words = (n_out + (32u >> shift) - 1u) >> (5u - shift);
     uint32_t slots = words << (5u - shift);
-    int16_t table[16];   /* |weight x input difference| <= 128 x 255, a group's sum <= 4 x 3 x 255: half of int32 */
+    int16_t table[16];   /* |weight x input difference| <= 128 x 255, a group's sum <= 2 x 10 x 255 (NF2): int16 */
     const char *base = (const char *)table;
 #if defined(__GNUC__)
     __asm__("" : "+r"(base)); /* keep the table's address in a register instead of re-deriving it from sp */

@@ -36,18 +36,19 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  *   4bit     two's complement -8 .. 7
  *   8bit     two's complement -128 .. 127
  *   FP130    sign bit, 3-bit exponent e: |w| = 2^e
+ *   NF2      sign bit (1 = negative), magnitude bit: |w| = 10 (1) or 3 (0)   (NormalFloat2's +-1, +-0.2998)
  *   NF4      4-bit index into BitNetMCU_nf4_levels
  *
  * Input-major layout, BitNetMCU_fc_<type>() (the default export): for each input, the codes of all
  * outputs, padded to whole words. The kernel skips inputs equal to `zero` entirely and turns each other
  * input into a small table of its products with every code, so the work per weight is a table look-up
- * and an add. Binary and 2bitsym go by groups of 4 and 2 inputs instead: for each group, per output the
+ * and an add. Binary and the 2-bit types go by groups of 4 and 2 inputs instead: for each group, per output the
  * group's codes side by side (first input in the high bits) as one 4-bit code, and the table holds the
  * group's summed products, one look-up for 4 or 2 weights (an odd input count pads the last group with
  * zero codes). Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
  * and may be null when zero is 0). Hidden layers pass zero = 0; the first layer passes the image's
  * background value. `sums` must hold n_out rounded up to a whole word of codes (8 outputs for Binary,
- * 2bitsym and the 4-bit types, 4 for 8bit).
+ * the 2-bit and the 4-bit types, 4 for 8bit).
  *
  * Output-major layout, BitNetMCU_fc_rows_<type>() (the original BitNetMCU's layout): for each output,
  * the codes of all inputs, padded to whole words; `sums` holds exactly n_out.
@@ -87,6 +88,7 @@ void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *ba
     X(4bit, FOURBIT, 2)       \
     X(8bit, EIGHTBIT, 3)      \
     X(FP130, FP130, 2)        \
+    X(NF2, NF2, 1)            \
     X(NF4, NF4, 2)
 
 #define BITNETMCU_DECLARE_FC(name, id, log2_bits) \

@@ -29,7 +29,8 @@ def weights_of(qtype, shape, rng):
     """Random integer weights on the type's grid (any value its encoding takes)."""
     values = {'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3], '4bitsym': list(range(-15, 16, 2)),
               '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
-              'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF4': list(NF4_LEVELS_INT8)}[qtype.name]
+              'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF2': [-10, -3, 3, 10],
+              'NF4': list(NF4_LEVELS_INT8)}[qtype.name]
     return rng.choice(values, shape).astype(np.int64)
 
 

@@ -27,6 +27,7 @@ def test_the_levels_of_the_table():
     assert QUANT_TYPES['2bitsym'].int_levels == [-3, -1, 1, 3]
     assert sorted(QUANT_TYPES['FP130'].int_levels) == [-128, -64, -32, -16, -8, -4, -2, -1, 1, 2, 4, 8, 16, 32, 64, 128]
     assert QUANT_TYPES['NF4'].int_levels == [-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127]
+    assert QUANT_TYPES['NF2'].int_levels == [-10, -3, 3, 10]   # the original's +-0.2998, +-1 as +-0.3, +-1
     assert [q for q in QUANT_TYPES if not QUANT_TYPES[q].exportable] == ['None']
 
 
