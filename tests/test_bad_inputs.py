@@ -26,8 +26,8 @@ from fileio import atomic_write
 from intmodel import ExportError, to_int_model
 from testdata import header_fingerprint
 
-FAST = dict(num_epochs=1, augmentation=False, network_width1=32, network_width2=24, network_width3=16,
-            batch_size=64, learning_rate=0.003, runtag='bad')
+FAST = dict(model='FCMNIST', num_epochs=1, augmentation=False, network_width1=32, network_width2=24,
+            network_width3=16, batch_size=64, learning_rate=0.003, runtag='bad')
 
 
 @pytest.fixture(scope='module')

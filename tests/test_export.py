@@ -24,7 +24,7 @@ STRICT = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O1']
 
 
 def short_training(data, run_dirs, **overrides):
-    cfg = load_config(overrides={**dict(num_epochs=1, augmentation=False, batch_size=64, network_width1=32,
+    cfg = load_config(overrides={**dict(model='FCMNIST', num_epochs=1, augmentation=False, batch_size=64, network_width1=32,
                                         network_width2=24, network_width3=16, learning_rate=0.003, runtag='t'),
                                  **overrides})
     return training.train(cfg, data=data, log=lambda *a: None)

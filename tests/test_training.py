@@ -14,7 +14,7 @@ from intmodel import ExportError, to_int_model
 
 
 def config(**overrides):
-    base = dict(num_epochs=3, augmentation=True, batch_size=64, network_width1=32, network_width2=32,
+    base = dict(model='FCMNIST', num_epochs=3, augmentation=True, batch_size=64, network_width1=32, network_width2=32,
                 network_width3=0, learning_rate=0.003, runtag='test')
     return load_config(overrides={**base, **overrides})
 
@@ -301,7 +301,7 @@ def test_cuda_request_without_cuda_is_a_config_error(monkeypatch):
 
 
 def test_skip_existing_does_not_retrain(run_dirs, capsys):
-    cfg = load_config(overrides={'runtag': 'skip'})
+    cfg = load_config(overrides={'model': 'FCMNIST', 'runtag': 'skip'})
     done = run_dirs / 'modeldata' / f'{run_name(cfg)}.pth'
     done.parent.mkdir(parents=True)
     done.write_bytes(b'trained')
