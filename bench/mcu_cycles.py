@@ -65,7 +65,8 @@ def main():
                 return
         training.MODEL_DIR, training.RUNS_DIR = work / 'modeldata', work / 'runs'
         for qtype in ['4bitsym'] if args.quick else args.types.split(','):
-            overrides = dict(QuantType=qtype, num_epochs=1 if args.quick else args.epochs, runtag='bench')
+            overrides = dict(model='FCMNIST', network_width3=64, QuantType=qtype,
+                             num_epochs=1 if args.quick else args.epochs, runtag='bench')
             train_data = data if not args.quick else {**data, 'train_x28': data['train_x28'][:3000],
                                                       'train_x16': data['train_x16'][:3000],
                                                       'train_y': data['train_y'][:3000]}
