@@ -61,7 +61,7 @@ MAX_WIDTH = 4096   # far beyond what a 16 KB chip holds; keeps a typo from askin
 _NUM = (int, float)
 # key: (types, default, check, help). Keys keep the original BitNetMCU names.
 CONFIG_SCHEMA = {
-    'model': (str, 'FCMNIST', _choice(*MODELS),
+    'model': (str, 'WindowFCMNIST', _choice(*MODELS),
               'FCMNIST (fully connected), CNNMNIST (depthwise CNN), WindowFCMNIST (a stem per image window, then '
               'fully connected) or DenseCNN (a float teacher, not exportable)'),
     'dataset': (str, 'MNIST', _choice(*DATASETS), 'MNIST or an EMNIST split (EMNIST_LETTERS, EMNIST_BALANCED, ...)'),
@@ -125,7 +125,7 @@ CONFIG_SCHEMA = {
     'window_shared': (bool, True, None, 'WindowFCMNIST: one stem for all windows (false: one per window)'),
     'network_width1': (int, 64, _between(1, MAX_WIDTH), 'first hidden width'),
     'network_width2': (int, 64, _between(1, MAX_WIDTH), 'second hidden width'),
-    'network_width3': (int, 64, _between(0, MAX_WIDTH), 'third hidden width (0: no third layer)'),
+    'network_width3': (int, 0, _between(0, MAX_WIDTH), 'third hidden width (0: no third layer)'),
     'runtag': (str, 'default', _file_name_part, 'prefix of the run name (letters, digits, _ - . +)'),
     'seed': (int, 0, _between(0, 2 ** 32 - 1), 'random seed (init, shuffling, augmentation)'),
     'device': (str, 'auto', _choice('auto', 'cpu', 'cuda'), 'auto: CUDA when available'),
@@ -316,10 +316,16 @@ def validate_config(raw):
     return cfg
 
 
+# The defaults run names are hashed against: the schema's, except where a shipped default changed later (the
+# value before it changed), so that changing a default renames no earlier run.
+NAMING_DEFAULTS = {**{key: spec[1] for key, spec in CONFIG_SCHEMA.items()},
+                   'model': 'FCMNIST', 'network_width3': 64}   # the default model before the 9-window one
+
+
 def config_hash(cfg):
     """Short hash of every setting that shapes the trained weights (not the device). Keys at their
-    default are left out, so adding a key to the schema renames no earlier run."""
-    relevant = {k: v for k, v in sorted(cfg.items()) if k not in RUN_INDEPENDENT and v != CONFIG_SCHEMA[k][1]}
+    naming default are left out, so adding a key to the schema renames no earlier run."""
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in RUN_INDEPENDENT and v != NAMING_DEFAULTS[k]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 

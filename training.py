@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from BitNetMCU import build_model, code_entropy_bits, quant_layers
+from BitNetMCU import MODELS, build_model, code_entropy_bits, quant_layers
 from checkpoint import CHECKPOINT_FORMAT, UnstatedQuantType, load_checkpoint
 from config import ConfigError, describe_config, ignored_keys, load_config, parse_overrides, run_name
 from dataset import DataError, augment, load_dataset, normalize
@@ -591,8 +591,9 @@ def main(argv=None):
         ignored = ignored_keys(cfg)
         if ignored:
             one = len(ignored) == 1
+            readers = [name for name, m in MODELS.items() if set(ignored) & set(m.model_keys)]
             print(f"note: {', '.join(f'{k}={cfg[k]!r}' for k in ignored)} only affect{'s' if one else ''} "
-                  f"CNNMNIST models; {cfg['model']} ignores {'it' if one else 'them'}")
+                  f"{' or '.join(readers)} models; {cfg['model']} ignores {'it' if one else 'them'}")
         done = MODEL_DIR / f'{run_name(cfg)}.pth'
         if args.skip_existing and done.exists():
             print(f"{done} is already trained for this config; skipping (delete it to retrain)")

@@ -413,8 +413,12 @@ def test_seed_and_runtag_bounds(run_dirs, capsys, setting, fragment):
 
 
 def test_keys_of_the_other_model_are_named(run_dirs, capsys):
-    assert training.main(['--set', 'cnn_width=48', '--set', 'conv_QuantType=4bit', '--resume']) == 2
-    assert "note: cnn_width=48, conv_QuantType='4bit' only affect CNNMNIST models; FCMNIST ignores them" in \
+    assert training.main(['--set', 'model=FCMNIST', '--set', 'cnn_width=48', '--set', 'conv_QuantType=4bit',
+                          '--resume']) == 2
+    assert "note: cnn_width=48, conv_QuantType='4bit' only affect CNNMNIST or DenseCNN models; FCMNIST ignores " \
+           "them" in capsys.readouterr().out
+    assert training.main(['--set', 'window_stride=2', '--set', 'cnn_width=8', '--resume']) == 2   # the default model
+    assert "note: cnn_width=8 only affects CNNMNIST or DenseCNN models; WindowFCMNIST ignores it" in \
         capsys.readouterr().out
 
 

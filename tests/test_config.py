@@ -19,7 +19,7 @@ def write(tmp_path, text):
 def test_shipped_default_config_is_valid_and_complete():
     cfg = load_config()
     assert set(cfg) == set(CONFIG_SCHEMA)
-    assert (cfg['model'], cfg['QuantType'], cfg['num_epochs']) == ('FCMNIST', '4bitsym', 60)
+    assert (cfg['model'], cfg['QuantType'], cfg['num_epochs']) == ('WindowFCMNIST', '4bitsym', 60)
     assert raw_keys_of_shipped_file() == set(CONFIG_SCHEMA)
 
 

@@ -301,7 +301,7 @@ def test_cuda_request_without_cuda_is_a_config_error(monkeypatch):
 
 
 def test_skip_existing_does_not_retrain(run_dirs, capsys):
-    cfg = load_config(overrides={'model': 'FCMNIST', 'runtag': 'skip'})
+    cfg = load_config(overrides={'runtag': 'skip'})
     done = run_dirs / 'modeldata' / f'{run_name(cfg)}.pth'
     done.parent.mkdir(parents=True)
     done.write_bytes(b'trained')
