@@ -23,8 +23,8 @@ import sweep  # noqa: E402
 from config import load_config  # noqa: E402
 
 TINY = {   # trials of a few seconds: a small FC on 3,000 training images
-    'set': {'network_width2': 16, 'network_width3': 0, 'augmentation': False, 'validation_images': 500,
-            'batch_size': 64},
+    'set': {'model': 'FCMNIST', 'network_width2': 16, 'network_width3': 0, 'augmentation': False,
+            'validation_images': 500, 'batch_size': 64},
     'space': {'network_width1': {'int': [8, 64], 'step': 8}, 'learning_rate': {'float': [0.00001, 0.01], 'log': True}},
     'chip': 'CH32V003', 'budget': {'weight_bytes': 12608}, 'epochs': 2, 'train_images': 3000,
 }
