@@ -160,6 +160,19 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 /* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(word, pos) (*(const int16_t *)(base + (((word) >> (pos)) & 0x1Eu)))
 
+/* The 8 outputs of one word of 4-bit codes, unrolled: per look-up a shift, a mask, two loads, an add, a store. */
+SPECIALIZE void add_word4(int32_t *s, uint32_t word, const char *base)
+{
+    s[0] += TABLE4(word, 27);
+    s[1] += TABLE4(word, 23);
+    s[2] += TABLE4(word, 19);
+    s[3] += TABLE4(word, 15);
+    s[4] += TABLE4(word, 11);
+    s[5] += TABLE4(word, 7);
+    s[6] += TABLE4(word, 3);
+    s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
+}
+
 /* 1- and 2-bit types: the codes of 4 >> log2_bits consecutive inputs sit side by side as one 4-bit code. Half
  * of that code (one 2-bit input, or two 1-bit inputs) and its 4 summed products, from the inputs left (an input
  * past n_in counts as `zero`). */
@@ -221,15 +234,8 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
         int32_t *s = sums;
         for (uint32_t k = 0; k < words; k++) {
             uint32_t word = *w++;
-            if (bits == 4u) {   /* the common case, unrolled: per look-up a shift, a mask, two loads, an add, a store */
-                s[0] += TABLE4(word, 27);
-                s[1] += TABLE4(word, 23);
-                s[2] += TABLE4(word, 19);
-                s[3] += TABLE4(word, 15);
-                s[4] += TABLE4(word, 11);
-                s[5] += TABLE4(word, 7);
-                s[6] += TABLE4(word, 3);
-                s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
+            if (bits == 4u) {   /* the common case */
+                add_word4(s, word, base);
                 s += 8;
                 continue;
             }
@@ -374,17 +380,7 @@ void BitNetMCU_fc_products(const int8_t *input, uint32_t n_in, const uint32_t *w
         }
         const char *base = (const char *)(products + (a << 4));
         int32_t *s = sums;
-        for (uint32_t k = 0; k < words; k++, s += 8) {
-            uint32_t word = *w++;
-            s[0] += TABLE4(word, 27);
-            s[1] += TABLE4(word, 23);
-            s[2] += TABLE4(word, 19);
-            s[3] += TABLE4(word, 15);
-            s[4] += TABLE4(word, 11);
-            s[5] += TABLE4(word, 7);
-            s[6] += TABLE4(word, 3);
-            s[7] += *(const int16_t *)(base + ((word << 1) & 0x1Eu));
-        }
+        for (uint32_t k = 0; k < words; k++, s += 8) add_word4(s, *w++, base);
     }
 }
 

@@ -69,15 +69,20 @@ def integer_weights(layer, label):
     return iw
 
 
+def per_tensor(module, label, unit):
+    """Refuse a layer with one scale per row or channel: the integer engine has one per layer."""
+    if module.per_output:
+        raise ExportError(f"{label}: WScale PerOutput gives every {unit} its own scale, which the integer engine "
+                          "does not have; train with WScale PerTensor to export")
+
+
 def to_int_model(model):
     """Walk model.layers once and build the integer model both the header writer and the reference use."""
     ops, int32_convs = [], []
     for index, module in model.layers.named_children():
         label = f'layers.{index}'
         if isinstance(module, BitConv2d):
-            if module.per_output:
-                raise ExportError(f"{label}: WScale PerOutput gives every channel its own scale, which the "
-                                  "integer engine does not have; train with WScale PerTensor to export")
+            per_tensor(module, label, 'channel')
             if module.int8_activations:
                 ops.append(IntOp(INT8_CONV, module.qtype, integer_weights(module, label).reshape(module.out_channels, 9),
                                  int(module.act_shift), label))
@@ -89,18 +94,14 @@ def to_int_model(model):
                                      name=label))
             ops.append(int32_convs[-1])
         elif isinstance(module, BitWindowLinear):
-            if module.per_output:
-                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
-                                  "engine does not have; train with WScale PerTensor to export")
+            per_tensor(module, label, 'row')
             iw = integer_weights(module, label)
             ops.append(IntOp(WINDOW_FC, module.qtype, iw[None] if iw.ndim == 2 else iw, int(module.act_shift), label,
                              module.window))
         elif isinstance(module, nn.MaxPool2d):
             ops.append(IntOp(MAXPOOL, name=label))
         elif isinstance(module, BitLinear):
-            if module.per_output:
-                raise ExportError(f"{label}: WScale PerOutput gives every row its own scale, which the integer "
-                                  "engine does not have; train with WScale PerTensor to export")
+            per_tensor(module, label, 'row')
             if not isinstance(module.norm, (RMSNorm, nn.Identity)):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
                                   "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
@@ -140,14 +141,15 @@ def encode_input(images):
     return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
 
 
-def shiftnorm_relu(sums):
-    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C."""
+def shiftnorm_relu(sums, top=127):
+    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C (top 127; 15: the 4-bit shift
+    requantization): the smallest shift that brings each row's largest sum to `top` or less, with rounding."""
     peak = sums.max(axis=1, keepdims=True)
     shift = np.zeros_like(peak)
-    while ((peak >> shift) > 127).any():
-        shift += (peak >> shift) > 127
+    while ((peak >> shift) > top).any():
+        shift += (peak >> shift) > top
     half = (1 << shift) >> 1
-    return np.where(sums > 0, np.minimum((sums + half) >> shift, 127), 0)
+    return np.where(sums > 0, np.minimum((sums + half) >> shift, top), 0)
 
 
 REQUANTIZE4_PEAK = 15 << 21   # the largest sum the 4-bit reciprocal requantization takes (its products stay in 32 bits)
@@ -155,12 +157,9 @@ REQUANTIZE4_PEAK = 15 << 21   # the largest sum the 4-bit reciprocal requantizat
 
 def requantize4(sums, requantizer):
     """ReLU and 4-bit activations of each row's sums, as BitNetMCU_requantize4_<requantizer>() (see there)."""
-    peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
     if requantizer == 'shift':
-        k = np.zeros_like(peak)
-        while ((peak >> k) > 15).any():
-            k += (peak >> k) > 15
-        return np.where(sums > 0, np.minimum((sums + ((1 << k) >> 1)) >> k, 15), 0)
+        return shiftnorm_relu(sums, top=15)
+    peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
     if peak.max() > REQUANTIZE4_PEAK:
         raise ExportError(f"a sum of {int(peak.max())} is beyond what the 4-bit reciprocal requantization takes "
                           f"({REQUANTIZE4_PEAK}); use requantizer: shift")
@@ -478,9 +477,12 @@ class ShiftNorm(LayerKind):
     def reference(self, op, x):
         return shiftnorm_relu(as_numpy(x).reshape(len(x), -1))
 
+    def kernel(self, op):
+        return 'BitNetMCU_shiftnorm_relu'
+
     def call(self, op, layer, name, acts):
         acts.act = max(acts.act, acts.count)
-        line = f"    BitNetMCU_shiftnorm_relu({acts.source}, act, {acts.count}u);"
+        line = f"    {self.kernel(op)}({acts.source}, act, {acts.count}u);"
         acts.source = 'act'
         return [line]
 
@@ -493,11 +495,8 @@ class Requantize4(ShiftNorm):
     def reference(self, op, x):
         return requantize4(as_numpy(x).reshape(len(x), -1), op.requantizer)
 
-    def call(self, op, layer, name, acts):
-        acts.act = max(acts.act, acts.count)
-        line = f"    BitNetMCU_requantize4_{op.requantizer}({acts.source}, act, {acts.count}u);"
-        acts.source = 'act'
-        return [line]
+    def kernel(self, op):
+        return f'BitNetMCU_requantize4_{op.requantizer}'
 
 
 class MaxPool(LayerKind):

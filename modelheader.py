@@ -14,6 +14,7 @@ from fileio import c_array
 from intmodel import ExportError, pack_model
 from testdata import fingerprint_line
 
+C_TYPES = {'uint32': 'uint32_t', 'uint16': 'uint16_t'}   # packed weight arrays' element types
 HEADER_FORMAT = 2   # BITNETMCU_ENGINE_FORMAT of the engine that reads these headers (2: FP130 set-up at export)
 
 
@@ -118,7 +119,6 @@ def int8_planes(int_model, stack, sums, rest):
     features = max(features, act)   # the ShiftNorms' outputs reuse the features once the first layer has read them
     image, plane = size * size, (size - 2) ** 2
     extents = [2 * (size - 2 * (k + 1)) for k in range(leading_convs(stack))]
-    ctype = {'uint32': 'uint32_t', 'uint16': 'uint16_t'}
     lines = [f"    union {{ struct {{ uint8_t image[{image}], plane[{plane}]; }} conv; int32_t sums[{sums}]; }} ram;",
              f"    int8_t features[{features}], *act = features;"]
     lines += [f"    uint8_t extent{k}[{n}];" for k, n in enumerate(extents)]
@@ -128,7 +128,7 @@ def int8_planes(int_model, stack, sums, rest):
     for k in range(len(extents)):
         lines.append(f"    BitNetMCU_conv_extent({'ram.conv.plane' if k == 0 else f'extent{k - 1}'}, {size - 2 * k}u, "
                      f"extent{k});")
-    lines += [f"    const {ctype[layer.words.dtype.name]} *w{k} = {name}_weights;" for k, (layer, name) in enumerate(convs)]
+    lines += [f"    const {C_TYPES[layer.words.dtype.name]} *w{k} = {name}_weights;" for k, (layer, name) in enumerate(convs)]
     lines.append(f"    for (uint32_t c = 0; c < {convs[0][0].op.weights.shape[0]}u; c++"
                  + ''.join(f", w{k} += {layer.words.shape[1]}" for k, (layer, _) in enumerate(convs)) + ") {")
     lines += channel_calls(stack, ChannelLoop('int8', 'ram.conv.image', 'ram.conv.plane',
@@ -190,14 +190,13 @@ def window_stems(int_model, stack, sums, rest):
     lines += ["    int8_t *act = features;"] if act else []
     codes = max(widths[:-1], default=0)
     lines += [f"    int8_t codes[{codes}];"] if codes else []
-    ctype = {'uint32': 'uint32_t', 'uint16': 'uint16_t'}
     loop = WindowLoop(side, {id(layer): name for _, layer, name in stack}, {})
     steps_ = []
     for k, (op, layer, name) in enumerate(stack):
         stems = op.weights.shape[0]
         if stems > 1:   # one stem per window: pointers that move on a stem each window
             weights = f"w{k}"
-            lines.append(f"    const {ctype[layer.words.dtype.name]} *w{k} = {name}_weights;")
+            lines.append(f"    const {C_TYPES[layer.words.dtype.name]} *w{k} = {name}_weights;")
             steps_.append(f"w{k} += {layer.words.size // stems}")
             rowsums = 'BITNETMCU_NO_ROWSUMS'
             if layer.rowsums is not None:
