@@ -52,6 +52,10 @@ def test_overrides_are_parsed_as_yaml():
     ('scheduler: OneCycle\n', ["'scheduler'", "'StepLR'", "'Cosine'", "'CosineWarmRestarts'"]),
     ('- a list\n', ['must be a mapping']),
     ('model: [unclosed\n', ['not valid YAML']),
+    ('window_stem: [32, 16, 8, 4]\n', ["'window_stem'", "list of 1 to 3 widths"]),
+    ('window_size: 12\nwindow_stride: 8\n', ["'window_stride': 8 does not step 12-pixel windows", "[2, 4]"]),
+    ('QuantType: Ternary\n', ["'Ternary' has no kernel that reads a window", "4bitsym", "NF4"]),
+    ('activation_bits: 4\nQuantType: 2bitsym\n', ["'2bitsym' has no product table", "4bitsym, 4bit, FP130, NF4"]),
 ])
 def test_bad_config_names_key_and_valid_values(tmp_path, text, fragments):
     with pytest.raises(ConfigError) as err:

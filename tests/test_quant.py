@@ -172,3 +172,11 @@ def test_4_bit_activations_in_training_are_the_mcus_requantization(requantizer):
     dequantized = quantize_activations4(x, requantizer)
     codes = (dequantized * requantize4_scale(peaks[:, None].double(), requantizer)).round()
     assert torch.equal(codes, torch.from_numpy(requantize4(sums.long().numpy(), requantizer)).double())
+
+
+def test_sums_beyond_the_reciprocal_requantization_are_an_export_error():
+    from intmodel import REQUANTIZE4_PEAK, ExportError, requantize4
+    sums = torch.tensor([[REQUANTIZE4_PEAK + 1, 5]]).numpy()
+    with pytest.raises(ExportError, match=r"beyond what the 4-bit reciprocal requantization takes.*requantizer: shift"):
+        requantize4(sums, 'reciprocal')
+    assert requantize4(sums, 'shift').tolist() == [[15, 0]]   # the shift takes any sum
