@@ -42,7 +42,7 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  * Input-major layout, BitNetMCU_fc_<type>() (the default export): for each input, the codes of all
  * outputs, padded to whole words. The kernel skips inputs equal to `zero` entirely and turns each other
  * input into a small table of its products with every code, so the work per weight is a table look-up
- * and an add. Binary and the 2-bit types go by groups of 4 and 2 inputs instead: for each group, per output the
+ * and an add; the non-zero inputs go two at a time, so each sum is loaded and stored once per pair. Binary and the 2-bit types go by groups of 4 and 2 inputs instead: for each group, per output the
  * group's codes side by side (first input in the high bits) as one 4-bit code, and the table holds the
  * group's summed products, one look-up for 4 or 2 weights (an odd input count pads the last group with
  * zero codes). Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
