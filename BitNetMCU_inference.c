@@ -24,7 +24,7 @@ const int8_t BitNetMCU_nf4_levels[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
 #define SPECIALIZE static inline
 #define NOINLINE
 #endif
-#define BITNETMCU_ENUM(name, id, log2_bits) id,
+#define BITNETMCU_ENUM(name, id, bits) id,
 enum qtype { BITNETMCU_FC_TYPES(BITNETMCU_ENUM) };
 
 /* a * 2^k. Shifting a negative signed value left is undefined in C; the unsigned shift is not. */
@@ -33,13 +33,22 @@ SPECIALIZE int32_t shl(int32_t a, uint32_t k)
     return (int32_t)((uint32_t)a << k);
 }
 
-SPECIALIZE uint32_t log2_bits(enum qtype t)
+SPECIALIZE uint32_t code_bits(enum qtype t)
 {
-#define BITNETMCU_LOG2_BITS(name, id, log2_bits) \
-    case id:                                    \
-        return log2_bits;
-    switch (t) { BITNETMCU_FC_TYPES(BITNETMCU_LOG2_BITS) }
+#define BITNETMCU_CODE_BITS(name, id, bits) \
+    case id:                                \
+        return bits;
+    switch (t) { BITNETMCU_FC_TYPES(BITNETMCU_CODE_BITS) }
     return 0;
+}
+
+/* ceil(n / per_word) without a divider (the CH32V00x have none): a shift, or counting for 6 codes a word. */
+SPECIALIZE uint32_t whole_words(uint32_t n, uint32_t per_word)
+{
+    if ((per_word & (per_word - 1u)) == 0u) return (n + per_word - 1u) / per_word;
+    uint32_t words = 0;
+    for (uint32_t k = 0; k < n; k += per_word) words++;
+    return words;
 }
 
 /* a * b for a small a (|a| <= 128): shifts and adds when there is no multiplier. */
@@ -80,11 +89,14 @@ SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
         v = (code & 1u) ? a + a + a : a;
         return (code & 2u) ? -v : v;
     case FOURBITSYM:   /* (2m + 1) * a by shifts and adds */
+    case FIVEBITSYM:
         v = a;
         if (code & 1u) v += shl(a, 1);
         if (code & 2u) v += shl(a, 2);
         if (code & 4u) v += shl(a, 3);
-        return (code & 8u) ? -v : v;
+        if (t == FOURBITSYM) return (code & 8u) ? -v : v;
+        if (code & 8u) v += shl(a, 4);
+        return (code & 16u) ? -v : v;
     case FOURBIT:      /* two's complement: -8 b3 + 4 b2 + 2 b1 + b0 */
         if (code & 1u) v += a;
         if (code & 2u) v += shl(a, 1);
@@ -109,17 +121,17 @@ SPECIALIZE int32_t times_code(int32_t a, uint32_t code, enum qtype t)
 SPECIALIZE void fc_rows(const int8_t *in, uint32_t n_in, const uint32_t *w, int32_t *sums, uint32_t n_out,
                            enum qtype t)
 {
-    uint32_t bits = 1u << log2_bits(t);
+    uint32_t bits = code_bits(t), spare = 32u % bits;   /* 5bitsym: 6 codes a word, bits 1-0 unused */
     for (uint32_t o = 0; o < n_out; o++) {
         int32_t sum = 0;
         uint32_t word = 0, left = 0;
         for (uint32_t i = 0; i < n_in; i++) {
             if (left == 0) {
                 word = *w++;
-                left = 32;
+                left = 32u - spare;
             }
             left -= bits;
-            sum += times_code(in[i], (word >> left) & ((1u << bits) - 1u), t);
+            sum += times_code(in[i], (word >> (left + spare)) & ((1u << bits) - 1u), t);
         }
         sums[o] = sum;
     }
@@ -139,6 +151,13 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
             table[k + 8u] = (int16_t)-v;
         }
         break;
+    case FIVEBITSYM:   /* a, 3a, 5a, ... 31a and their negatives */
+#pragma GCC unroll 16
+        for (uint32_t k = 0; k < 16u; k++, v += step) {
+            table[k] = (int16_t)v;
+            table[k + 16u] = (int16_t)-v;
+        }
+        break;
     case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
         v = 0;
         step = -shl(a, 3);
@@ -155,8 +174,8 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
             table[k + 8u] = (int16_t)-v;
         }
         break;
-    default:           /* Binary, 2bitsym: 2 or 4 entries; NF4: 16 products */
-        for (uint32_t code = 0; code < (1u << (1u << log2_bits(t))); code++)
+    default:           /* Binary, 2bitsym, NF2: 2 or 4 entries; NF4: 16 products */
+        for (uint32_t code = 0; code < (1u << code_bits(t)); code++)
             table[code] = (int16_t)times_code(a, code, t);
         break;
     }
@@ -201,21 +220,36 @@ static NOINLINE void add_rows4(int32_t *s, const uint32_t *w, const char *base, 
     }
 }
 
-/* 1- and 2-bit types: the codes of 4 >> log2_bits consecutive inputs sit side by side as one 4-bit code. Half
+/* sums += one input's look-ups in a table of 32 (5bitsym), 6 outputs per word of 5-bit codes in bits 31-2. */
+#define TABLE5(base, word, pos) (*(const int16_t *)((base) + (((word) >> (pos)) & 0x3Eu)))
+static NOINLINE void add_row5(int32_t *s, const uint32_t *w, const char *base, uint32_t words)
+{
+    for (const uint32_t *end = w + words; w != end; s += 6) {
+        uint32_t c = *w++;
+        s[0] += TABLE5(base, c, 26);
+        s[1] += TABLE5(base, c, 21);
+        s[2] += TABLE5(base, c, 16);
+        s[3] += TABLE5(base, c, 11);
+        s[4] += TABLE5(base, c, 6);
+        s[5] += TABLE5(base, c, 1);
+    }
+}
+
+/* 1- and 2-bit types: the codes of 4 / bits consecutive inputs sit side by side as one 4-bit code. Half
  * of that code (one 2-bit input, or two 1-bit inputs) and its 4 summed products, from the inputs left (an input
  * past n_in counts as `zero`). */
 SPECIALIZE void group_half(const int8_t *in, uint32_t left, int32_t zero, int32_t half[4], enum qtype t)
 {
     int32_t x0 = left > 0u ? in[0] - zero : 0, x1 = left > 1u ? in[1] - zero : 0;
     for (uint32_t c = 0; c < 4u; c++)
-        half[c] = log2_bits(t) == 1u ? times_code(x0, c, t) : times_code(x0, c >> 1, t) + times_code(x1, c & 1u, t);
+        half[c] = code_bits(t) == 2u ? times_code(x0, c, t) : times_code(x0, c >> 1, t) + times_code(x1, c & 1u, t);
 }
 
 /* The table of a group: for each 4-bit code, the sum of the group's products. Returns 0 where every input of
  * the group is `zero`: nothing to add. */
 SPECIALIZE uint32_t build_group_table(const int8_t *in, uint32_t left, int32_t zero, int16_t table[16], enum qtype t)
 {
-    uint32_t half = 2u >> log2_bits(t), any = 0;   /* inputs per half */
+    uint32_t half = 2u / code_bits(t), any = 0;   /* inputs per half */
     for (uint32_t j = 0; j < half + half && j < left; j++) any |= (uint32_t)(in[j] - zero);
     if (!any) return 0;
     int32_t high[4], low[4];
@@ -241,11 +275,11 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
                            int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums,
                            const int32_t *background, enum qtype t)
 {
-    uint32_t group = log2_bits(t) < 2u ? 4u >> log2_bits(t) : 1u;
-    uint32_t shift = group > 1u ? 2u : log2_bits(t);   /* of the code a look-up reads */
-    uint32_t words = (n_out + (32u >> shift) - 1u) >> (5u - shift);
-    uint32_t slots = words << (5u - shift);
-    /* two inputs' tables, |weight x input difference| <= 128 x 255, a group's sum <= 2 x 10 x 255 (NF2): int16 */
+    uint32_t group = code_bits(t) < 4u ? 4u / code_bits(t) : 1u;
+    uint32_t per_word = group > 1u ? 8u : 32u / code_bits(t);   /* codes a look-up reads in a word */
+    uint32_t words = whole_words(n_out, per_word), slots = words * per_word;
+    /* two inputs' tables (5bitsym: one of 32), |weight x input difference| <= 128 x 255, a group's sum
+     * <= 2 x 10 x 255 (NF2): int16 */
     int16_t tables[32];
     const uint32_t *waiting = NULL;   /* the weights of a non-zero input whose table (the first) is built */
     for (uint32_t o = 0; o < slots; o++) sums[o] = 0;
@@ -264,6 +298,10 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
             continue;
         }
         if (group == 1u) build_table(a, table, t);
+        if (t == FIVEBITSYM) {
+            add_row5(sums, w, (const char *)tables, words);
+            continue;
+        }
         if (!waiting) {
             waiting = w;
             continue;
@@ -283,7 +321,7 @@ void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *ba
     for (uint32_t o = 0; o < n; o++) background[o] = times_small(zero, rowsums[o]);
 }
 
-#define BITNETMCU_DEFINE_FC(name, id, log2_bits)                                                  \
+#define BITNETMCU_DEFINE_FC(name, id, bits)                                                  \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
     {                                                                                             \
         fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, NULL, id);           \
@@ -489,14 +527,14 @@ int32_t BitNetMCU_unsigned_image(const int8_t *image, uint8_t *plane, uint32_t n
 /* The 9 weights of one channel as integers (times_code(1, code) folds to the level of the code). */
 SPECIALIZE void channel_weights(const uint32_t *w, int32_t weight[9], enum qtype t)
 {
-    uint32_t bits = 1u << log2_bits(t), word = 0, left = 0;
+    uint32_t bits = code_bits(t), spare = 32u % bits, word = 0, left = 0;   /* spare: as in fc_rows */
     for (uint32_t i = 0; i < 9u; i++) {
         if (left == 0) {
             word = *w++;
-            left = 32;
+            left = 32u - spare;
         }
         left -= bits;
-        weight[i] = times_code(1, (word >> left) & ((1u << bits) - 1u), t);
+        weight[i] = times_code(1, (word >> (left + spare)) & ((1u << bits) - 1u), t);
     }
 }
 
@@ -832,7 +870,7 @@ SPECIALIZE uint32_t qconv(const uint8_t *input, int32_t offset, uint32_t size, c
     return qconv_weights(input, offset, size, w, shift, output, fill, pool);
 }
 
-#define BITNETMCU_DEFINE_QCONV(name, id, log2_bits)                                               \
+#define BITNETMCU_DEFINE_QCONV(name, id, bits)                                               \
     BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name)                                             \
     {                                                                                             \
         return qconv(input, offset, size, weights, shift, output, extent, fill, pool, id);        \

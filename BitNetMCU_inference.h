@@ -33,6 +33,8 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  *   Binary   1 bit: 1 = +1, 0 = -1
  *   2bitsym  sign bit (1 = negative), magnitude bit: |w| = 1 or 3   (the levels +-0.5, +-1.5, doubled)
  *   4bitsym  sign bit, 3-bit magnitude m: |w| = 2m + 1                (the levels +-0.5 .. +-7.5, doubled)
+ *   5bitsym  sign bit, 4-bit magnitude m: |w| = 2m + 1                (the levels +-0.5 .. +-15.5, doubled),
+ *            6 codes a word in bits 31-2 (bits 1-0 unused)
  *   4bit     two's complement -8 .. 7
  *   8bit     two's complement -128 .. 127
  *   FP130    sign bit, 3-bit exponent e: |w| = 2^e
@@ -48,7 +50,7 @@ extern const int8_t BitNetMCU_nf4_levels[16];
  * zero codes). Skipped inputs contribute zero * rowsums[o] (rowsums[o] = sum of row o's weights; unused
  * and may be null when zero is 0). Hidden layers pass zero = 0; the first layer passes the image's
  * background value. `sums` must hold n_out rounded up to a whole word of codes (8 outputs for Binary,
- * the 2-bit and the 4-bit types, 4 for 8bit).
+ * the 2-bit and the 4-bit types, 6 for 5bitsym, 4 for 8bit).
  *
  * Output-major layout, BitNetMCU_fc_rows_<type>() (the original BitNetMCU's layout): for each output,
  * the codes of all inputs, padded to whole words; `sums` holds exactly n_out.
@@ -78,20 +80,21 @@ extern const int8_t BitNetMCU_nf4_levels[16];
 /* background[o] = zero x rowsums[o], o < n: the share of the skipped inputs in a window stem's sums. */
 void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *background, uint32_t n);
 
-/* The bit-packed types, one row each: X(name, id, log2 of the bits per code). Every row declares
+/* The bit-packed types, one row each: X(name, id, bits per code). Every row declares
  * BitNetMCU_fc_<name>(), BitNetMCU_fc_window_<name>() and BitNetMCU_fc_rows_<name>() here and defines both in BitNetMCU_inference.c;
  * the row of the same name in BitNetMCU.py's QUANT_TYPES names these kernels. */
 #define BITNETMCU_FC_TYPES(X) \
-    X(Binary, BINARY, 0)      \
-    X(2bitsym, TWOBITSYM, 1)  \
-    X(4bitsym, FOURBITSYM, 2) \
-    X(4bit, FOURBIT, 2)       \
-    X(8bit, EIGHTBIT, 3)      \
-    X(FP130, FP130, 2)        \
-    X(NF2, NF2, 1)            \
-    X(NF4, NF4, 2)
+    X(Binary, BINARY, 1)      \
+    X(2bitsym, TWOBITSYM, 2)  \
+    X(4bitsym, FOURBITSYM, 4) \
+    X(5bitsym, FIVEBITSYM, 5) \
+    X(4bit, FOURBIT, 4)       \
+    X(8bit, EIGHTBIT, 8)      \
+    X(FP130, FP130, 4)        \
+    X(NF2, NF2, 2)            \
+    X(NF4, NF4, 4)
 
-#define BITNETMCU_DECLARE_FC(name, id, log2_bits) \
+#define BITNETMCU_DECLARE_FC(name, id, bits) \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name); \
     BITNETMCU_FC_WINDOW_KERNEL(BitNetMCU_fc_window_##name); \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name);
@@ -166,7 +169,7 @@ void BitNetMCU_maxpool2(const int32_t *input, uint32_t size, int32_t *output);
 #define BITNETMCU_QCONV_KERNEL(name)                                                                        \
     uint32_t name(const uint8_t *input, int32_t offset, uint32_t size, const void *weights, uint32_t shift, \
                   uint8_t *output, const uint8_t *extent, uint32_t fill, uint32_t pool)
-#define BITNETMCU_DECLARE_QCONV(name, id, log2_bits) BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name);
+#define BITNETMCU_DECLARE_QCONV(name, id, bits) BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_##name);
 BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_QCONV)
 BITNETMCU_QCONV_KERNEL(BitNetMCU_qconv3x3_Ternary);
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, NF4_LEVELS_INT8, QUANT_TYPES
+from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from cengine import engine_cdef
 from chips import CHIPS, parse_report
 from conftest import ROOT
@@ -27,11 +27,7 @@ def calls(text):
 
 def weights_of(qtype, shape, rng):
     """Random integer weights on the type's grid (any value its encoding takes)."""
-    values = {'Binary': [-1, 1], 'Ternary': [-1, 0, 1], '2bitsym': [-3, -1, 1, 3], '4bitsym': list(range(-15, 16, 2)),
-              '4bit': list(range(-8, 8)), '8bit': list(range(-128, 128)),
-              'FP130': [s * 2 ** e for s in (-1, 1) for e in range(8)], 'NF2': [-10, -3, 3, 10],
-              'NF4': list(NF4_LEVELS_INT8)}[qtype.name]
-    return rng.choice(values, shape).astype(np.int64)
+    return rng.choice(qtype.int_levels, shape).astype(np.int64)
 
 
 def every_kind_model(conv_kind, conv_type, fc_type):

@@ -216,7 +216,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_header(small_mnist, run_dirs, 
     (dict(WScale='PerOutput'), r"'WScale': 'PerOutput'.*\(exportable: PerTensor\)", 'WScale PerOutput'),
     (dict(model='CNNMNIST', cnn_width=4, conv_QuantType='FP130'),
      r"'conv_QuantType': 'FP130' has no convolution kernel for conv_activations int32 \(exportable: Binary, Ternary, "
-     r"2bitsym, 4bitsym, 4bit, 8bit, NF2, NF4\)", 'int8 conv kernel')])
+     r"2bitsym, 4bitsym, 5bitsym, 4bit, 8bit, NF2, NF4\)", 'int8 conv kernel')])
 def test_unexportable_models_are_refused_when_the_config_is_loaded(small_mnist, run_dirs, overrides, at_load, at_export):
     with pytest.raises(ConfigError, match=at_load + '.*set exportable: false'):
         short_training(small_mnist, run_dirs, **overrides)
