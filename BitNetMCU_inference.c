@@ -138,8 +138,9 @@ SPECIALIZE void fc_rows(const int8_t *in, uint32_t n_in, const uint32_t *w, int3
 }
 
 /* The products of activation a with every code of the type, built once per non-zero input.
- * |a| <= 128 and |weight| <= 128, so each fits in 16 bits. The 4-bit types' loops are unrolled (GCC, clang):
- * a product pair costs about four instructions instead of ten. */
+ * |a| <= 128 and |weight| <= 128, so each fits in 16 bits. 4bitsym's loop is unrolled (GCC, clang): a product
+ * pair costs four instructions instead of about ten (the windowed models build a table per digit pixel and
+ * window); the other types' by four, in less code. */
 SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 {
     int32_t v = a, step = a + a;
@@ -152,7 +153,7 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
         }
         break;
     case FIVEBITSYM:   /* a, 3a, 5a, ... 31a and their negatives */
-#pragma GCC unroll 16
+#pragma GCC unroll 4
         for (uint32_t k = 0; k < 16u; k++, v += step) {
             table[k] = (int16_t)v;
             table[k + 16u] = (int16_t)-v;
@@ -161,14 +162,14 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
     case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
         v = 0;
         step = -shl(a, 3);
-#pragma GCC unroll 8
+#pragma GCC unroll 4
         for (uint32_t k = 0; k < 8u; k++, v += a) {
             table[k] = (int16_t)v;
             table[k + 8u] = (int16_t)(v + step);
         }
         break;
     case FP130:        /* a, 2a, 4a, ... 128a and their negatives */
-#pragma GCC unroll 8
+#pragma GCC unroll 4
         for (uint32_t k = 0; k < 8u; k++, v += v) {
             table[k] = (int16_t)v;
             table[k + 8u] = (int16_t)-v;
@@ -183,40 +184,22 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 
 /* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(base, word, pos) (*(const int16_t *)((base) + (((word) >> (pos)) & 0x1Eu)))
-#define TABLE4_LOW(base, word) (*(const int16_t *)((base) + (((word) << 1) & 0x1Eu)))
 
-/* sums += one input's look-ups, 8 outputs per word of 4-bit codes: per look-up a shift, a mask, two loads,
- * an add, a store. */
-static NOINLINE void add_row4(int32_t *s, const uint32_t *w, const char *base, uint32_t words)
-{
-    for (const uint32_t *end = w + words; w != end; s += 8) {
-        uint32_t c = *w++;
-        s[0] += TABLE4(base, c, 27);
-        s[1] += TABLE4(base, c, 23);
-        s[2] += TABLE4(base, c, 19);
-        s[3] += TABLE4(base, c, 15);
-        s[4] += TABLE4(base, c, 11);
-        s[5] += TABLE4(base, c, 7);
-        s[6] += TABLE4(base, c, 3);
-        s[7] += TABLE4_LOW(base, c);
-    }
-}
-
-/* The same for two inputs at once (weights w and v, tables base and other): each sum is loaded and stored
- * once for both, 6 instructions a look-up instead of 7. */
+/* sums += two inputs' look-ups, 8 outputs per word of 4-bit codes (weights w and v, tables base and other): per
+ * look-up a shift, a mask, an address and a load, and each sum loaded and stored once for both inputs (6
+ * instructions a look-up instead of 7). A lone input goes with a table of zeros, whose look-ups add nothing:
+ * one loop in flash instead of two. */
 static NOINLINE void add_rows4(int32_t *s, const uint32_t *w, const char *base, const uint32_t *v,
                                const char *other, uint32_t words)
 {
-    for (const uint32_t *end = w + words; w != end; s += 8) {
+    for (const uint32_t *end = w + words; w != end;) {
         uint32_t c = *w++, d = *v++;
-        s[0] += TABLE4(base, c, 27) + TABLE4(other, d, 27);
-        s[1] += TABLE4(base, c, 23) + TABLE4(other, d, 23);
-        s[2] += TABLE4(base, c, 19) + TABLE4(other, d, 19);
-        s[3] += TABLE4(base, c, 15) + TABLE4(other, d, 15);
-        s[4] += TABLE4(base, c, 11) + TABLE4(other, d, 11);
-        s[5] += TABLE4(base, c, 7) + TABLE4(other, d, 7);
-        s[6] += TABLE4(base, c, 3) + TABLE4(other, d, 3);
-        s[7] += TABLE4_LOW(base, c) + TABLE4_LOW(other, d);
+        for (uint32_t half = 0; half < 2u; half++, c <<= 16, d <<= 16, s += 4) {   /* half the code of 8 */
+            s[0] += TABLE4(base, c, 27) + TABLE4(other, d, 27);
+            s[1] += TABLE4(base, c, 23) + TABLE4(other, d, 23);
+            s[2] += TABLE4(base, c, 19) + TABLE4(other, d, 19);
+            s[3] += TABLE4(base, c, 15) + TABLE4(other, d, 15);
+        }
     }
 }
 
@@ -309,11 +292,14 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
         add_rows4(sums, waiting, (const char *)tables, w, (const char *)(tables + 16), words);
         waiting = NULL;
     }
-    if (waiting) add_row4(sums, waiting, (const char *)tables, words);
+    if (waiting) {   /* a lone input: the second table zeroed */
+        for (uint32_t k = 16; k < 32u; k++) tables[k] = 0;
+        add_rows4(sums, waiting, (const char *)tables, waiting, (const char *)(tables + 16), words);
+    }
     if (background)
         for (uint32_t o = 0; o < n_out; o++) sums[o] += background[o];
     else if (zero != 0)
-        for (uint32_t o = 0; o < n_out; o++) sums[o] += multiply_small(zero, rowsums[o]);
+        for (uint32_t o = 0; o < n_out; o++) sums[o] += times_small(zero, rowsums[o]);   /* once a layer: the shared copy */
 }
 
 void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *background, uint32_t n)
@@ -453,7 +439,8 @@ void BitNetMCU_fc_products(const int8_t *input, uint32_t n_in, const uint32_t *w
         add_rows4(sums, waiting, waiting_row, w, row, words);
         waiting = NULL;
     }
-    if (waiting) add_row4(sums, waiting, waiting_row, words);
+    if (waiting)   /* a lone input goes with row 0 of the table: 0 x every weight */
+        add_rows4(sums, waiting, waiting_row, waiting, (const char *)products, words);
 }
 
 void BitNetMCU_requantize(const int32_t *sums, uint32_t shift, int8_t *output, uint32_t n)
