@@ -165,14 +165,14 @@ def make(target, header, blob, build, *goals, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def measure_firmware(header, blob, target, build):
-    """Build the firmware for one chip, run it on every image of the blob and link it for the chip.
-    Returns the emulator's report ('sim'), flash and static RAM of the chip build (None when it does not
-    link), whether it fits (flash, and RAM with the peak stack) and whether it is multiplier-free."""
+def measure_firmware(header, blob, target, build, timeout=600):
+    """Build the firmware for one chip, run it on every image of the blob (within `timeout` seconds) and link it
+    for the chip. Returns the emulator's report ('sim'), flash and static RAM of the chip build (None when it
+    does not link), whether it fits (flash, and RAM with the peak stack) and whether it is multiplier-free."""
     out = make(target, header, blob, build, str(Path(build) / 'sim.elf'))
     if out.returncode:
         raise FirmwareError(f"firmware build for {target} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-    sim = run_qemu(Path(build) / 'sim.elf', blob, target, model_header=header)
+    sim = run_qemu(Path(build) / 'sim.elf', blob, target, timeout, model_header=header)
     links = make(target, header, blob, build, str(Path(build) / 'flash.elf')).returncode == 0
     flash, ram = section_sizes(Path(build) / 'flash.elf') if links else (None, None)
     return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and not fit_problem(target, flash, ram, sim['stack']),

@@ -57,10 +57,12 @@ def verify(model, int_model, header, data, log=print, dataset='the dataset'):
             'images': images, 'labels': y, 'predictions': c_classes}
 
 
-def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CHIPS), header=None, images=None):
+def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CHIPS), header=None, images=None,
+                  timeout=600):
     """The whole chain for one checkpoint: export the header (to `header`, default work/model.h) in
     `layout`, prove C == Python on the test set (or its first `images`), write the test blob, and measure
-    the firmware on every target (mismatches on the emulated chip are an error too).
+    the firmware on every target, each run within `timeout` seconds (mismatches on the emulated chip are an
+    error too).
     Returns {'verify': verify()'s result, 'int_model', 'packed': its packed layers,
     target: measure_firmware's result}."""
     work = Path(work)
@@ -77,7 +79,7 @@ def measure_model(checkpoint, work, data, layout='input-major', targets=tuple(CH
     write_blob(blob, r['images'], r['labels'], r['predictions'], header_fingerprint(header))
     row = {'verify': r, 'int_model': int_model, 'packed': pack_model(int_model, layout)}
     for target in targets:
-        row[target] = measure_firmware(header, blob, target, work / target)
+        row[target] = measure_firmware(header, blob, target, work / target, timeout)
         if row[target]['sim']['mismatches']:
             raise FirmwareError(f"{checkpoint} on {target}: {row[target]['sim']['mismatches']} mismatches")
     return row
