@@ -145,20 +145,16 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 {
     int32_t v = a, step = a + a;
     switch (t) {
-    case FOURBITSYM:   /* a, 3a, 5a, ... 15a and their negatives */
+    case FOURBITSYM:   /* a, 3a, 5a, ... 15a (5bitsym: ... 31a) and their negatives */
+    case FIVEBITSYM: {
+        uint32_t half = 1u << (code_bits(t) - 1u);
 #pragma GCC unroll 8
-        for (uint32_t k = 0; k < 8u; k++, v += step) {
+        for (uint32_t k = 0; k < half; k++, v += step) {
             table[k] = (int16_t)v;
-            table[k + 8u] = (int16_t)-v;
+            table[k + half] = (int16_t)-v;
         }
         break;
-    case FIVEBITSYM:   /* a, 3a, 5a, ... 31a and their negatives */
-#pragma GCC unroll 4
-        for (uint32_t k = 0; k < 16u; k++, v += step) {
-            table[k] = (int16_t)v;
-            table[k + 16u] = (int16_t)-v;
-        }
-        break;
+    }
     case FOURBIT:      /* 0, a, ... 7a, then -8a ... -a */
         v = 0;
         step = -shl(a, 3);
