@@ -168,14 +168,15 @@ def make(target, header, blob, build, *goals, timeout=900):
 def measure_firmware(header, blob, target, build, timeout=600):
     """Build the firmware for one chip, run it on every image of the blob (within `timeout` seconds) and link it
     for the chip. Returns the emulator's report ('sim'), flash and static RAM of the chip build (None when it
-    does not link), whether it fits (flash, and RAM with the peak stack) and whether it is multiplier-free."""
+    does not link), whether it fits (flash, and RAM with the peak stack), why not, and whether it is multiplier-free."""
     out = make(target, header, blob, build, str(Path(build) / 'sim.elf'))
     if out.returncode:
         raise FirmwareError(f"firmware build for {target} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     sim = run_qemu(Path(build) / 'sim.elf', blob, target, timeout, model_header=header)
     links = make(target, header, blob, build, str(Path(build) / 'flash.elf')).returncode == 0
     flash, ram = section_sizes(Path(build) / 'flash.elf') if links else (None, None)
-    return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': links and not fit_problem(target, flash, ram, sim['stack']),
+    why = fit_problem(target, flash, ram, sim['stack']) if links else 'does not link for the chip'
+    return {'sim': sim, 'flash': flash, 'ram': ram, 'fits': not why, 'why': why or '',
             'nomul': not multiply_uses(Path(build) / 'sim.elf')}
 
 

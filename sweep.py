@@ -305,7 +305,7 @@ def budget_problems(sweep, costs):
         over.append('it multiplies, and the CH32V003 has no multiplier')
     values['fits'] = 1.0 if costs.get('fits') is False else 0.0
     if values['fits'] > 0:
-        over.append(f"the firmware does not fit the {sweep['chip']}")
+        over.append(f"the firmware does not fit the {sweep['chip']}: {costs.get('why_not_fits', '?')}")
     values['config'] = 1.0 if 'problem' in costs else 0.0
     if values['config'] > 0:
         over.append(costs['problem'])
@@ -366,7 +366,7 @@ def firmware_costs(model_path, cfg, sweep, data, work):
     shown = {**data, 'test_x16': data['train_x16'][held], 'test_y': data['train_y'][held]}
     row = pipeline.measure_model(model_path, work, shown, targets=(sweep['chip'],))[sweep['chip']]
     return {'flash_bytes': row['flash'], 'instructions': round(row['sim']['mean']), 'fits': row['fits'],
-            'stack_bytes': row['sim']['stack'], 'multiplies': not row['nomul']}
+            'why_not_fits': row['why'], 'stack_bytes': row['sim']['stack'], 'multiplies': not row['nomul']}
 
 
 def run_trial(trial, sweep, data, log):

@@ -75,7 +75,7 @@ def measure(name, data, work):
     for target in CHIPS:
         t = m[target]
         row[target] = {'mean': t['sim']['mean'], 'accuracy': t['sim']['correct'] / t['sim']['images'],
-                       'flash': t['flash'], 'stack': t['sim']['stack'], 'fits': t['fits'],
+                       'flash': t['flash'], 'stack': t['sim']['stack'], 'fits': t['fits'], 'why': t['why'],
                        'image': chips.flashed_image(MODELS / f'{name}.h', work / name / 'test.bin', target,
                                                        work / name / f'{target}-ch32fun', ch32fun_path())}
     return row
@@ -233,7 +233,7 @@ def markdown(rows):
         original = f"{acc:.2f} % at {size} KB" if acc is not None else '-'
         v3, v2 = row['CH32V003'], row['CH32V002']
         flash = f"{v3['flash']}" if v3['fits'] else ('does not fit; fits V002' if v2['fits'] else
-                                                     'fits neither (RAM)')
+                                                     f"fits neither: {v3['why']}")
         chip = TARGET[row['name']]
         image = row[chip]['image']
         on_target = (f"{chip}: fits, {image['ram']:,} B RAM, {row[chip]['mean']:,.0f}" if image['fits'] else
