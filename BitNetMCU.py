@@ -331,7 +331,7 @@ def make_norm(norm_type, features):
 
 
 NORM_TYPES = ['RMS', 'Lin', 'BatchNorm', 'LayerNorm']
-EXPORTABLE_NORMS = ['RMS', 'Lin']   # the MCU's ShiftNorm scales; it cannot subtract a mean
+EXPORTABLE_NORMS = ['RMS', 'Lin']   # the MCU's requantization scales; it cannot subtract a mean
 
 
 class QuantMixin:
@@ -402,7 +402,7 @@ class BitLinear(nn.Linear, QuantMixin):
         return F.linear(x, self.quantized_weight())
 
 
-ACT_MAX = 127   # int8 convolution activations are 0 .. ACT_MAX (7 bits, like the ShiftNorm outputs)
+ACT_MAX = 127   # int8 convolution activations are 0 .. ACT_MAX (7 bits, like the fully connected layers' inputs)
 ACT_QUANTILE = 0.999   # the sum a layer's shift maps to ACT_MAX: this quantile of its sums in training
 
 

@@ -341,7 +341,7 @@ BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary)
 }
 
 /* ------------------------------------------------------------------------------------------------
- * ShiftNorm, requantization, convolutions on int32 planes, pooling, argmax
+ * Requantization, convolutions on int32 planes, pooling, argmax
  * ------------------------------------------------------------------------------------------------ */
 
 static int32_t largest(const int32_t *values, uint32_t n)
@@ -352,8 +352,8 @@ static int32_t largest(const int32_t *values, uint32_t n)
     return max;
 }
 
-/* ReLU, then the smallest shift k that brings the largest input to `top` or less, with rounding. Returns k. */
-static uint32_t shift_relu(const int32_t *input, int8_t *output, uint32_t n, int32_t top)
+/* ReLU, then the smallest shift k that brings the largest input to `top` or less, with rounding. */
+static void shift_relu(const int32_t *input, int8_t *output, uint32_t n, int32_t top)
 {
     int32_t max = largest(input, n);
     uint32_t shift = 0;
@@ -363,12 +363,30 @@ static uint32_t shift_relu(const int32_t *input, int8_t *output, uint32_t n, int
         uint32_t v = input[i] > 0 ? ((uint32_t)input[i] + half) >> shift : 0u;
         output[i] = (int8_t)(v > (uint32_t)top ? (uint32_t)top : v);
     }
-    return shift;
 }
 
-uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n)
+/* round(127 x / peak) for x > 0, exactly: (254 x + peak) / (2 peak) by long division, the quotient's 7 bits
+ * shifted into the remainder's low bits (the divisor's are zero), 3 instructions a bit unrolled. */
+void BitNetMCU_requantize8(const int32_t *sums, int8_t *output, uint32_t n)
 {
-    return shift_relu(input, output, n, 127);
+    int32_t max = largest(sums, n);
+    uint32_t peak = max > 0 ? (uint32_t)max : 1u, shift = 0;
+    while (peak >> shift >= (1u << 23)) shift++;   /* then 254 x + peak and the divisor stay below 2^31 */
+    peak >>= shift;
+    uint32_t divisor = peak << 8;   /* 2 peak, 7 bits up */
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t x = sums[i] > 0 ? (uint32_t)sums[i] >> shift : 0u, rest = (x << 8) - (x << 1) + peak;
+        if (x == 0u) {
+            output[i] = 0;
+            continue;
+        }
+#pragma GCC unroll 7
+        for (uint32_t bit = 0; bit < 7u; bit++) {
+            rest <<= 1;
+            if (rest >= divisor) rest -= divisor - 1u;
+        }
+        output[i] = (int8_t)(rest & 127u);
+    }
 }
 
 void BitNetMCU_requantize4_shift(const int32_t *sums, int8_t *output, uint32_t n)

@@ -17,8 +17,9 @@
 
 /* The model header format this engine reads (exportquant.py's HEADER_FORMAT). A model header names the format
  * it was exported in and stops the build (#error) on any other; a header older than the check names none, and
- * the programs that include one stop on that. Bumped whenever a kernel reads its weights differently. */
-#define BITNETMCU_ENGINE_FORMAT 2
+ * the programs that include one stop on that. Bumped whenever a kernel reads its weights differently or a kernel a header calls changes (3: the
+ * 8-bit requantization BitNetMCU_requantize8 in place of the ShiftNorm). */
+#define BITNETMCU_ENGINE_FORMAT 3
 
 #if defined(__riscv) && !defined(__riscv_mul) && !defined(__riscv_zmmul) && !defined(BITNETMCU_NO_MUL)
 #define BITNETMCU_NO_MUL 1
@@ -101,9 +102,11 @@ void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *ba
 BITNETMCU_FC_TYPES(BITNETMCU_DECLARE_FC)
 BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_Ternary);
 
-/* ShiftNorm + ReLU: k = smallest shift with (max >> k) <= 127; output = clip((x + 2^k/2) >> k, 0, 127)
- * for x > 0, else 0. Returns k. */
-uint32_t BitNetMCU_shiftnorm_relu(const int32_t *input, int8_t *output, uint32_t n);
+/* ReLU and 8-bit activations: output = round(127 x / max), half up, for x > 0, else 0 (max: the largest of the n
+ * sums), exactly what the float model's activation quantizer computes, so that the integer model predicts what
+ * the float model does. A 7-bit long division per positive sum, without a divider; sums of 2^23 or more are
+ * shifted right, all by the same amount, until the largest is below 2^23. */
+void BitNetMCU_requantize8(const int32_t *sums, int8_t *output, uint32_t n);
 
 /* 4-bit activations (activation_bits: 4). A layer multiplies its inputs 0..15 by look-up: products[16 * a + code]
  * is a times the weight of `code`, one int16 table of 256 per 4-bit weight type, in flash, so any codebook (NF4

@@ -291,7 +291,7 @@ def export_problems(cfg):
         problems.append(f"config key 'QuantType': {cfg['QuantType']!r} has no product table for activation_bits 4 "
                         f"(4-bit codes: {', '.join(q for q in QUANT_TYPES if QUANT_TYPES[q].product_table)})")
     if cfg['NormType'] not in EXPORTABLE_NORMS:
-        problems.append(f"config key 'NormType': {cfg['NormType']!r} subtracts a mean, which the MCU's ShiftNorm "
+        problems.append(f"config key 'NormType': {cfg['NormType']!r} subtracts a mean, which the MCU's requantization "
                         f"cannot do (exportable: {', '.join(EXPORTABLE_NORMS)})")
     if cfg['WScale'] != 'PerTensor':
         problems.append(f"config key 'WScale': {cfg['WScale']!r} gives every row its own scale, which the integer "

@@ -104,11 +104,11 @@ def to_int_model(model):
             per_tensor(module, label, 'row')
             if not isinstance(module.norm, (RMSNorm, nn.Identity)):
                 raise ExportError(f"{label}: NormType {type(module.norm).__name__} subtracts a mean, which "
-                                  "the MCU's ShiftNorm cannot do; train with NormType RMS or Lin")
+                                  "the MCU's requantization cannot do; train with NormType RMS or Lin")
             if module.requantizer:
                 ops.append(IntOp(REQUANTIZE4, name=f'{label} input', requantizer=module.requantizer))
-            elif ops and not module.int8_input:   # the image, or int8 conv features, need no ShiftNorm
-                ops.append(IntOp(SHIFTNORM, name=f'{label} input'))
+            elif ops and not module.int8_input:   # the image, or int8 conv features, need no requantizing
+                ops.append(IntOp(REQUANTIZE8, name=f'{label} input'))
             ops.append(IntOp(FC, module.qtype, integer_weights(module, label), name=label,
                              input_bits=4 if module.requantizer else 8))
         elif not isinstance(module, (nn.ReLU, nn.Flatten, InputQuant)):
@@ -141,9 +141,9 @@ def encode_input(images):
     return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
 
 
-def shiftnorm_relu(sums, top=127):
-    """ShiftNorm + ReLU per row, exactly as BitNetMCU_shiftnorm_relu() in C (top 127; 15: the 4-bit shift
-    requantization): the smallest shift that brings each row's largest sum to `top` or less, with rounding."""
+def shift_relu(sums, top):
+    """ReLU and the smallest right shift per row that brings its largest sum to `top` or less, with rounding, as
+    BitNetMCU_requantize4_shift() (top 15)."""
     peak = sums.max(axis=1, keepdims=True)
     shift = np.zeros_like(peak)
     while ((peak >> shift) > top).any():
@@ -152,13 +152,28 @@ def shiftnorm_relu(sums, top=127):
     return np.where(sums > 0, np.minimum((sums + half) >> shift, top), 0)
 
 
+REQUANTIZE8_BITS = 23   # sums are taken to below 2^23 before requantize8 divides, so that 254 x + peak fits 31 bits
+
+
+def requantize8(sums):
+    """ReLU and 8-bit activations of each row's sums, as BitNetMCU_requantize8(): round(127 x / peak), half up,
+    exactly what the float model's activation quantizer computes of the same sums (peak: the row's largest; rows
+    with a peak of 2^23 or more are shifted right first, losing bits far below what 7 bits of output resolve)."""
+    peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
+    shift = np.zeros_like(peak)
+    while ((peak >> shift) >> REQUANTIZE8_BITS).any():
+        shift += ((peak >> shift) >> REQUANTIZE8_BITS) > 0
+    peak = peak >> shift
+    return (254 * (np.maximum(sums, 0) >> shift) + peak) // (2 * peak)
+
+
 REQUANTIZE4_PEAK = 15 << 21   # the largest sum the 4-bit reciprocal requantization takes (its products stay in 32 bits)
 
 
 def requantize4(sums, requantizer):
     """ReLU and 4-bit activations of each row's sums, as BitNetMCU_requantize4_<requantizer>() (see there)."""
     if requantizer == 'shift':
-        return shiftnorm_relu(sums, top=15)
+        return shift_relu(sums, top=15)
     peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
     if peak.max() > REQUANTIZE4_PEAK:
         raise ExportError(f"a sum of {int(peak.max())} is beyond what the 4-bit reciprocal requantization takes "
@@ -470,15 +485,16 @@ class FullyConnected(LayerKind):
         return [f"    {layer.kernel}({args});"]
 
 
-class ShiftNorm(LayerKind):
-    """ShiftNorm + ReLU: int32 -> int8 0..127 (flattens conv channels, channel-major)."""
-    name = 'shiftnorm'
+class Requantize8(LayerKind):
+    """ReLU and 8-bit activations, int32 -> 0..127 exactly as the float model's quantizer (flattens conv channels,
+    channel-major)."""
+    name = 'requantize8'
 
     def reference(self, op, x):
-        return shiftnorm_relu(as_numpy(x).reshape(len(x), -1))
+        return requantize8(as_numpy(x).reshape(len(x), -1))
 
     def kernel(self, op):
-        return 'BitNetMCU_shiftnorm_relu'
+        return 'BitNetMCU_requantize8'
 
     def call(self, op, layer, name, acts):
         acts.act = max(acts.act, acts.count)
@@ -487,7 +503,7 @@ class ShiftNorm(LayerKind):
         return [line]
 
 
-class Requantize4(ShiftNorm):
+class Requantize4(Requantize8):
     """ReLU and 4-bit activations: int32 -> 0..15, by the 8-bit reciprocal of the largest sum or a rounding shift
     (op.requantizer)."""
     name = 'requantize4'
@@ -643,5 +659,5 @@ class WindowStem(LayerKind):
         return call + f"\n            BitNetMCU_requantize(sums, {op.shift}u, {loop.dst}, {n_out}u);"
 
 
-FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV = FullyConnected(), ShiftNorm(), MaxPool(), Conv3x3(), Int8Conv3x3()
+FC, REQUANTIZE8, MAXPOOL, CONV, INT8_CONV = FullyConnected(), Requantize8(), MaxPool(), Conv3x3(), Int8Conv3x3()
 WINDOW_FC, REQUANTIZE4 = WindowStem(), Requantize4()

@@ -15,7 +15,8 @@ from intmodel import ExportError, pack_model
 from testdata import fingerprint_line
 
 C_TYPES = {'uint32': 'uint32_t', 'uint16': 'uint16_t'}   # packed weight arrays' element types
-HEADER_FORMAT = 2   # BITNETMCU_ENGINE_FORMAT of the engine that reads these headers (2: FP130 set-up at export)
+HEADER_FORMAT = 3   # BITNETMCU_ENGINE_FORMAT of the engine that reads these headers (2: FP130 set-up at export;
+#                     3: BitNetMCU_requantize8, exact, in place of the ShiftNorm's shift)
 
 
 def array_name(index):
@@ -45,7 +46,7 @@ class Activations:
     """Where the activations are while the steps after the channel loop write their calls."""
     source: str          # the C expression of the current activations
     count: int           # how many there are
-    act: int = 0         # int8 elements the ShiftNorms write into `act`
+    act: int = 0         # int8 elements the requantizations write into `act`
 
 
 def later_steps(rest, source, count):
@@ -116,7 +117,7 @@ def int8_planes(int_model, stack, sums, rest):
     final = plane_sizes(int_model, stack)[-1]
     features = convs[0][0].op.weights.shape[0] * final * final
     body, act = later_steps(rest, 'features', features)
-    features = max(features, act)   # the ShiftNorms' outputs reuse the features once the first layer has read them
+    features = max(features, act)   # the requantized activations reuse the features once the first layer has read them
     image, plane = size * size, (size - 2) ** 2
     extents = [2 * (size - 2 * (k + 1)) for k in range(leading_convs(stack))]
     lines = [f"    union {{ struct {{ uint8_t image[{image}], plane[{plane}]; }} conv; int32_t sums[{sums}]; }} ram;",
@@ -186,7 +187,7 @@ def window_stems(int_model, stack, sums, rest):
     features = ((side - size) // stride + 1) ** 2 * widths[-1]
     body, act = later_steps(rest, 'features', features)
     lines = [f"    int32_t sums[{sums}];",
-             f"    int8_t features[{max(features, act)}];" + ("  /* the ShiftNorms' outputs reuse it */" if act else '')]
+             f"    int8_t features[{max(features, act)}];" + ("  /* the requantized activations reuse it */" if act else '')]
     lines += ["    int8_t *act = features;"] if act else []
     codes = max(widths[:-1], default=0)
     lines += [f"    int8_t codes[{codes}];"] if codes else []
@@ -223,7 +224,7 @@ PLANES = {'int32': int32_planes, 'int8': int8_planes, 'windows': window_stems}
 
 
 def no_planes(int_model, stack, sums, rest):
-    """A model without convolutions: the sums and the ShiftNorms' outputs. Returns (lines, RAM bytes)."""
+    """A model without convolutions: the sums and the requantized activations. Returns (lines, RAM bytes)."""
     body, act = later_steps(rest, 'input', int_model.input_size ** 2)
     return [f"    int32_t sums[{sums}];"] + ([f"    int8_t act[{act}];"] if act else []) + body, 4 * sums + act
 

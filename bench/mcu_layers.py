@@ -7,7 +7,7 @@
 
 The flashed image (make firmware, ch32fun) runs its test images on mcu/chipsim.py (Unicorn, the chip's
 memory map). Every instruction executed inside a kernel is charged to the call that entered it, so each
-call site is one row: a layer (the convolutions of every channel share their rows), ShiftNorm, pooling.
+call site is one row: a layer (the convolutions of every channel share their rows), requantization, pooling.
 """
 import argparse
 import collections

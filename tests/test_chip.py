@@ -104,9 +104,10 @@ def test_flashed_image_fits_and_runs_on_the_emulated_chip(mnist, tmp_path, targe
     flash, ram = chips.section_sizes(tmp_path / target / 'firmware.elf')
     assert flash == (tmp_path / target / 'firmware.bin').stat().st_size     # the bytes minichlink writes
     if target == 'CH32V003':
-        # room left for a user's code: 15,080 bytes since the two-inputs-a-pass look-ups (14,936 before: 144
-        # bytes for 15 % fewer instructions on this model, 18 % on the windowed ones)
-        assert flash <= 15100
+        # room left for a user's code: 15,136 bytes since the exact 8-bit requantization (56 bytes for integer
+        # predictions equal to the float model's), 15,080 since the two-inputs-a-pass look-ups (14,936 before:
+        # 144 bytes for 15 % fewer instructions on this model, 18 % on the windowed ones)
+        assert flash <= 15150
         assert 'no mul/div instruction, no libgcc multiply or divide' in run_.stdout
     else:
         assert 'no div/rem instruction, no libgcc divide' in run_.stdout

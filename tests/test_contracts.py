@@ -12,7 +12,7 @@ from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from cengine import engine_cdef
 from chips import CHIPS, parse_report
 from conftest import ROOT
-from intmodel import CONV, FC, INT8_CONV, MAXPOOL, SHIFTNORM, IntModel, IntOp
+from intmodel import CONV, FC, INT8_CONV, MAXPOOL, REQUANTIZE8, IntModel, IntOp
 from modelheader import header_text
 from testdata import BLOB_MAGIC, BLOB_VERSION
 
@@ -31,7 +31,7 @@ def weights_of(qtype, shape, rng):
 
 
 def every_kind_model(conv_kind, conv_type, fc_type):
-    """A small model with every kind in it: convolutions of conv_kind, pooling, ShiftNorm, fully connected."""
+    """A small model with every kind in it: convolutions of conv_kind, pooling, requantization, fully connected."""
     rng = np.random.default_rng(0)
     shift = 4
     conv = lambda name: IntOp(conv_kind, QUANT_TYPES[conv_type], weights_of(QUANT_TYPES[conv_type], (4, 9), rng),  # noqa: E731
@@ -39,9 +39,9 @@ def every_kind_model(conv_kind, conv_type, fc_type):
     ops = [conv('c0'), conv('c1'), IntOp(MAXPOOL, name='p0'), conv('c2'), IntOp(MAXPOOL, name='p1')]
     features = 4 * 2 * 2
     if conv_kind is CONV:
-        ops.append(IntOp(SHIFTNORM, name='n0'))
+        ops.append(IntOp(REQUANTIZE8, name='n0'))
     ops += [IntOp(FC, QUANT_TYPES[fc_type], weights_of(QUANT_TYPES[fc_type], (8, features), rng), name='f0'),
-            IntOp(SHIFTNORM, name='n1'),
+            IntOp(REQUANTIZE8, name='n1'),
             IntOp(FC, QUANT_TYPES[fc_type], weights_of(QUANT_TYPES[fc_type], (10, 8), rng), name='f1')]
     return IntModel(ops, num_classes=10)
 
@@ -81,9 +81,9 @@ def python_sources():
 
 def test_no_code_asks_which_kind_an_op_is():
     """A layer kind is one definition: nothing compares an op's kind or its name; code asks the kind instead."""
-    assert {kind.name for kind in (FC, SHIFTNORM, MAXPOOL, CONV, INT8_CONV)} == {'fc', 'shiftnorm', 'maxpool', 'conv',
-                                                                                 'qconv'}
-    test = re.compile(r"\.kind(\.name)?\s*(==|!=|\bin\b|\bis\b)|isinstance\([^)]*\b(FullyConnected|ShiftNorm|MaxPool|"
+    assert {kind.name for kind in (FC, REQUANTIZE8, MAXPOOL, CONV, INT8_CONV)} == {'fc', 'requantize8', 'maxpool',
+                                                                                     'conv', 'qconv'}
+    test = re.compile(r"\.kind(\.name)?\s*(==|!=|\bin\b|\bis\b)|isinstance\([^)]*\b(FullyConnected|Requantize8|MaxPool|"
                       r"Conv3x3|Int8Conv3x3)\b")
     found = [f"{p.name}:{n}: {line.strip()}" for p in python_sources()
              for n, line in enumerate(p.read_text().splitlines(), 1) if test.search(line)]

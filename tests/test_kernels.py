@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from BitNetMCU import EXPORTABLE_TYPES, LAYOUTS, QUANT_TYPES
 from conftest import ROOT
 from cengine import build_engine
 from intmodel import (FC, REQUANTIZE4_PEAK, ExportError, IntOp, conv3x3_relu, fc, image_windows, maxpool2, pack_codes,
-                      pack_fc, pack_qconv, product_table, qconv3x3, requantize, requantize4, shiftnorm_relu)
+                      pack_fc, pack_qconv, product_table, qconv3x3, requantize, requantize4, requantize8)
 
 SANITIZE = os.environ.get('BITNETMCU_SANITIZE') == '1'
 settings.register_profile('kernels', max_examples=60, deadline=None, derandomize=True,
@@ -169,15 +170,18 @@ def test_requantize_matches_python(engine, shift, values):
     st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=n, max_size=n),
     st.lists(st.integers(-2000, 2000), min_size=n, max_size=n),
     st.just([2 ** 31 - 1] * n), st.just([0] * n), st.just([-5] * n))))
-def test_shiftnorm_matches_python(engine, values):
+def test_requantize8_matches_python(engine, values):
     ffi, lib = engine
     x = np.array(values, np.int32)
     out = np.zeros(len(x), np.int8)
-    shift = lib.BitNetMCU_shiftnorm_relu(ffi.from_buffer('int32_t[]', x), ffi.from_buffer('int8_t[]', out), len(x))
-    expected = shiftnorm_relu(x[None].astype(np.int64))[0]
+    lib.BitNetMCU_requantize8(ffi.from_buffer('int32_t[]', x), ffi.from_buffer('int8_t[]', out), len(x))
+    expected = requantize8(x[None].astype(np.int64))[0]
     assert np.array_equal(out, expected)
     peak = int(x.max())
-    assert shift == 0 if peak <= 127 else (peak >> shift) <= 127 < (peak >> (shift - 1))
+    if 0 < peak < 2 ** 23:   # exactly the float quantizer's round(127 x / peak), half up
+        exact = [int((Fraction(127 * max(v, 0), peak) + Fraction(1, 2)) // 1) for v in values]
+        assert out.tolist() == exact
+    assert out.max() == (127 if peak > 0 else 0)
 
 
 @given(st.integers(3, 16), st.integers(0, 7), st.integers(0, 2 ** 32 - 1), st.sampled_from([127, 2 ** 15, 2 ** 20]))

@@ -31,11 +31,11 @@ def test_original_model_on_emulated_core_matches_host_on_10000_images(mnist, tmp
     header, blob, host = export_with_test_data(original_checkpoint('fc_4bitsym_64_64_64_v02.pth'), tmp_path, mnist)
     run = make(tmp_path, target, header, blob, 'sim', 'size', 'nomul')
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"{target} (emulated, sim.elf): 10000 images, accuracy 99.02%, 0 mismatches" in run.stdout
+    assert f"{target} (emulated, sim.elf): 10000 images, accuracy 98.98%, 0 mismatches" in run.stdout
     assert f"{target}: flash" in run.stdout and 'fits' in run.stdout
     if target == 'CH32V003':
         assert 'no mul/div instruction, no libgcc multiply or divide' in run.stdout
-    assert host['c_acc'] == 0.9902
+    assert host['c_acc'] == 0.9898   # the original's engine: 99.02 % (its ShiftNorm; tests/test_export.py)
 
 
 def test_emulator_reports_mismatches_and_fails(mnist, tmp_path):

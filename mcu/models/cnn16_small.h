@@ -6,12 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
-#define BITNETMCU_MODEL_FORMAT 2
+#define BITNETMCU_MODEL_FORMAT 3
 #if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
-#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#error "this model header is format 3, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0xb5afd12fu
+#define BITNETMCU_MODEL_FINGERPRINT 0x6de8aba1u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -155,11 +155,11 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
         BitNetMCU_conv3x3_relu(scratch, 6u, w2, 0u, scratch);
         BitNetMCU_maxpool2(scratch, 4u, feature);
     }
-    BitNetMCU_shiftnorm_relu(features, act, 64u);
+    BitNetMCU_requantize8(features, act, 64u);
     BitNetMCU_fc_2bitsym(act, 64u, BitNetMCU_layer3_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer4_weights, sums, 32u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 32u);
+    BitNetMCU_requantize8(sums, act, 32u);
     BitNetMCU_fc_4bitsym(act, 32u, BitNetMCU_layer5_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];

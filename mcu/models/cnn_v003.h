@@ -6,12 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
-#define BITNETMCU_MODEL_FORMAT 2
+#define BITNETMCU_MODEL_FORMAT 3
 #if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
-#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#error "this model header is format 3, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x80a51e41u
+#define BITNETMCU_MODEL_FINGERPRINT 0x79838966u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -415,9 +415,9 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
         BitNetMCU_qconv3x3_FP130(ram.conv.plane, BITNETMCU_NO_OFFSET, 6u, w2, 6u, (uint8_t *)features + 4u * c, BITNETMCU_NO_EXTENT, BITNETMCU_NO_FILL, BITNETMCU_POOL);
     }
     BitNetMCU_fc_2bitsym(features, 256u, BitNetMCU_layer3_weights, sums, 96u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 96u);
+    BitNetMCU_requantize8(sums, act, 96u);
     BitNetMCU_fc_4bitsym(act, 96u, BitNetMCU_layer4_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer5_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];

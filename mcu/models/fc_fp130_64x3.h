@@ -6,12 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
-#define BITNETMCU_MODEL_FORMAT 2
+#define BITNETMCU_MODEL_FORMAT 3
 #if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
-#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#error "this model header is format 3, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0xe2ce6639u
+#define BITNETMCU_MODEL_FINGERPRINT 0x204e3473u
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -450,11 +450,11 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
     int32_t sums[64];
     int8_t act[64];
     BitNetMCU_fc_FP130(input, 256u, BitNetMCU_layer0_weights, sums, 64u, input[0], BitNetMCU_layer0_rowsums);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_FP130(act, 64u, BitNetMCU_layer1_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_FP130(act, 64u, BitNetMCU_layer2_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_FP130(act, 64u, BitNetMCU_layer3_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];

@@ -6,12 +6,12 @@
 #include <stdint.h>
 #include "BitNetMCU_inference.h"
 
-#define BITNETMCU_MODEL_FORMAT 2
+#define BITNETMCU_MODEL_FORMAT 3
 #if BITNETMCU_ENGINE_FORMAT != BITNETMCU_MODEL_FORMAT
-#error "this model header is format 2, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
+#error "this model header is format 3, BitNetMCU_inference.h reads another: export the model again with the exportquant.py of this engine"
 #endif
 #define BITNETMCU_MODEL_LAYOUT "input-major"   /* exportquant.py --layout */
-#define BITNETMCU_MODEL_FINGERPRINT 0x07a9eacau
+#define BITNETMCU_MODEL_FINGERPRINT 0x773f5f8du
 #define BITNETMCU_MODEL_INPUT_SIZE 16
 #define BITNETMCU_MODEL_INPUTS 256
 #define BITNETMCU_MODEL_CLASSES 10
@@ -313,7 +313,7 @@ static const uint32_t BitNetMCU_layer4_weights[128] = {
 static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logits)
 {
     int32_t sums[64];
-    int8_t features[144];  /* the ShiftNorms' outputs reuse it */
+    int8_t features[144];  /* the requantized activations reuse it */
     int8_t *act = features;
     int8_t codes[32];
     int32_t background[32];
@@ -326,9 +326,9 @@ static inline uint32_t BitNetMCU_model_infer(const int8_t *input, int32_t *logit
             BitNetMCU_requantize(sums, 5u, features + 16u * window, 16u);
         }
     BitNetMCU_fc_4bitsym(features, 144u, BitNetMCU_layer2_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer3_weights, sums, 64u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
-    BitNetMCU_shiftnorm_relu(sums, act, 64u);
+    BitNetMCU_requantize8(sums, act, 64u);
     BitNetMCU_fc_4bitsym(act, 64u, BitNetMCU_layer4_weights, sums, 10u, BITNETMCU_NO_BACKGROUND, BITNETMCU_NO_ROWSUMS);
     for (uint32_t i = 0; i < 10u; i++)
         logits[i] = sums[i];
