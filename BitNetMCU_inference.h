@@ -17,8 +17,8 @@
 
 /* The model header format this engine reads (exportquant.py's HEADER_FORMAT). A model header names the format
  * it was exported in and stops the build (#error) on any other; a header older than the check names none, and
- * the programs that include one stop on that. Bumped whenever a kernel reads its weights differently or a kernel a header calls changes (3: the
- * 8-bit requantization BitNetMCU_requantize8 in place of the ShiftNorm). */
+ * the programs that include one stop on that. Bumped whenever a kernel reads its weights differently or a kernel
+ * a header calls changes (3: the 8-bit requantization BitNetMCU_requantize8 in place of the ShiftNorm). */
 #define BITNETMCU_ENGINE_FORMAT 3
 
 #if defined(__riscv) && !defined(__riscv_mul) && !defined(__riscv_zmmul) && !defined(BITNETMCU_NO_MUL)

@@ -141,13 +141,18 @@ def encode_input(images):
     return (x * scale).round().clamp(-128, 127).to(torch.int8).numpy()
 
 
-def shift_relu(sums, top):
-    """ReLU and the smallest right shift per row that brings its largest sum to `top` or less, with rounding, as
-    BitNetMCU_requantize4_shift() (top 15)."""
-    peak = sums.max(axis=1, keepdims=True)
+def smallest_shift(peak, top):
+    """Per row, the smallest right shift that brings `peak` to `top` or less."""
     shift = np.zeros_like(peak)
     while ((peak >> shift) > top).any():
         shift += (peak >> shift) > top
+    return shift
+
+
+def shift_relu(sums, top):
+    """ReLU and the smallest right shift per row that brings its largest sum to `top` or less, with rounding, as
+    BitNetMCU_requantize4_shift() (top 15)."""
+    shift = smallest_shift(sums.max(axis=1, keepdims=True), top)
     half = (1 << shift) >> 1
     return np.where(sums > 0, np.minimum((sums + half) >> shift, top), 0)
 
@@ -160,9 +165,7 @@ def requantize8(sums):
     exactly what the float model's activation quantizer computes of the same sums (peak: the row's largest; rows
     with a peak of 2^23 or more are shifted right first, losing bits far below what 7 bits of output resolve)."""
     peak = np.maximum(sums.max(axis=1, keepdims=True), 1)
-    shift = np.zeros_like(peak)
-    while ((peak >> shift) >> REQUANTIZE8_BITS).any():
-        shift += ((peak >> shift) >> REQUANTIZE8_BITS) > 0
+    shift = smallest_shift(peak, (1 << REQUANTIZE8_BITS) - 1)
     peak = peak >> shift
     return (254 * (np.maximum(sums, 0) >> shift) + peak) // (2 * peak)
 

@@ -187,7 +187,8 @@ def window_stems(int_model, stack, sums, rest):
     features = ((side - size) // stride + 1) ** 2 * widths[-1]
     body, act = later_steps(rest, 'features', features)
     lines = [f"    int32_t sums[{sums}];",
-             f"    int8_t features[{max(features, act)}];" + ("  /* the requantized activations reuse it */" if act else '')]
+             f"    int8_t features[{max(features, act)}];"
+             + ("  /* the requantized activations reuse it */" if act else '')]
     lines += ["    int8_t *act = features;"] if act else []
     codes = max(widths[:-1], default=0)
     lines += [f"    int8_t codes[{codes}];"] if codes else []
