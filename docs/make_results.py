@@ -56,6 +56,18 @@ TARGET = {name: 'CH32V002' if name in ('cnn64_2bit_96x64', 'cnn16_small') else '
 # The original's published 2026 figures for the windowed designs: accuracy %, its spread, weight bytes at 4 bits.
 ORIGINAL_2026 = {'window9_4bitsym': (99.25, 0.04, 8256), 'window25_4bitsym': (99.37, 0.03, 9920)}
 SEEDS = ROOT / 'modeldata' / 'seeds'   # <name>_s<seed>.pth: every seed of a zoo config (the zoo keeps one)
+# The best model for each chip: configs/<name>.yaml and mcu/models/<name>.h are links to the zoo model chosen on
+# validation (docs/guide.md, "The best model for each chip"); the accuracy each should reach.
+BEST = {'CH32V003': ('best_ch32v003', 99.50), 'CH32V002': ('best_ch32v002', 99.60)}
+
+
+def best_model(name):
+    """The zoo config a best_<chip> link names, checked against its header link."""
+    config, header = CONFIGS / f'{name}.yaml', MODELS / f'{name}.h'
+    chosen = config.resolve().stem
+    if not config.is_symlink() or header.resolve() != MODELS / f'{chosen}.h':
+        sys.exit(f"error: {config} and {header} must link to one zoo model (configs/<zoo>.yaml, mcu/models/<zoo>.h)")
+    return chosen
 
 
 def measure(name, data, work):
@@ -261,6 +273,19 @@ def markdown(rows):
             lines.append(f"| {ORIGINAL[row['name']][0]} | {acc:.2f} ± {spread:.2f} % | {weights:,} B | "
                          f"{row['macs']:,} multiply-accumulates: ~{estimate:.0f} ms | {100 * row['c']:.2f} % | "
                          f"{seeds_cell(row['seeds'])} | {row['weights']:,} B | {row['CH32V003']['mean']:,.0f} |")
+    lines += ["", "## The best model for each chip", "",
+              "`configs/best_<chip>.yaml` and `mcu/models/best_<chip>.h` link to the zoo model chosen for the chip on "
+              "validation",
+              "(docs/guide.md, \"The best model for each chip\"): `make -C mcu firmware MODEL_HEADER=models/best_ch32v003.h`.",
+              "", "| chip | model | integer (C) | seeds | instr./inference there | flashed image | target |",
+              "|---|---|---|---|---|---|---|"]
+    by_name = {row['name']: row for row in rows}
+    for chip, (link, target) in BEST.items():
+        row = by_name[best_model(link)]
+        seeds = list(row['seeds'].values()) if len(row['seeds']) >= 2 else [row['c']]   # the mean over seeds if any
+        met = 'met' if 100 * sum(seeds) / len(seeds) >= target else 'not met'
+        lines.append(f"| {chip} | `{link}` = `{row['name']}` | {100 * row['c']:.2f} % | {seeds_cell(row['seeds'])} | "
+                     f"{row[chip]['mean']:,.0f} | {image_cell(row[chip]['image'])} | >= {target:.2f} % ({met}) |")
     lines += ["", "The flashed image (`make -C mcu firmware`, built with ch32fun, three test images): flash bytes and RAM "
               "(static + the stack measured on the emulated chip), or why it cannot go on that chip."]
     lines += ["", "![accuracy vs weight size](accuracy_vs_size.png)", "",

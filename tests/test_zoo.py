@@ -11,7 +11,7 @@ from conftest import FLOAT_TOLERANCE_IMAGES, ROOT, images_apart
 from intmodel import to_int_model
 from modelheader import header_layout, header_text
 
-CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
+CONFIGS = sorted(p for p in (ROOT / 'configs').glob('*.yaml') if not p.is_symlink())   # best_<chip>: links
 
 
 def test_zoo_is_not_empty():
@@ -34,3 +34,14 @@ def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
     # The float model against the checkpoint's own record: float arithmetic differs between CPUs (one image
     # here, seen), so the two are compared in whole images with a tolerance, never as equal floats.
     assert images_apart(result['float_acc'], metrics['test_acc'], result['n']) <= FLOAT_TOLERANCE_IMAGES
+
+
+@pytest.mark.parametrize('link', ['best_ch32v003', 'best_ch32v002'])
+def test_best_model_links_name_one_zoo_model(link):
+    """configs/best_<chip>.yaml and mcu/models/best_<chip>.h link to the same zoo model (what the README and
+    docs/results.md call the best for that chip), which is itself in the zoo and not another link."""
+    config, header = ROOT / 'configs' / f'{link}.yaml', ROOT / 'mcu' / 'models' / f'{link}.h'
+    assert config.is_symlink() and header.is_symlink()
+    chosen = config.resolve()
+    assert chosen.parent == ROOT / 'configs' and not chosen.stem.startswith('best_')
+    assert header.resolve() == ROOT / 'mcu' / 'models' / f'{chosen.stem}.h'

@@ -1,0 +1,1 @@
+window25_4bitsym.h
