@@ -181,21 +181,40 @@ SPECIALIZE void build_table(int32_t a, int16_t *table, enum qtype t)
 /* table entry for the 4-bit code at bit position `pos` of word: the code x 2 is a byte offset. */
 #define TABLE4(base, word, pos) (*(const int16_t *)((base) + (((word) >> (pos)) & 0x1Eu)))
 
-/* sums += two inputs' look-ups, 8 outputs per word of 4-bit codes (weights w and v, tables base and other): per
- * look-up a shift, a mask, an address and a load, and each sum loaded and stored once for both inputs (110
- * instructions a word of each, where one input at a time took 128). Half a word a pass: half the flash of a
+/* sums[0..3] += two inputs' look-ups for the upper half of c and d (weights of 4 outputs each): per look-up a
+ * shift, a mask, an address and a load, and each sum loaded and stored once for both inputs. */
+#define ADD_HALF_WORD4(s, base, c, other, d)                           \
+    do {                                                             \
+        (s)[0] += TABLE4(base, c, 27) + TABLE4(other, d, 27);        \
+        (s)[1] += TABLE4(base, c, 23) + TABLE4(other, d, 23);        \
+        (s)[2] += TABLE4(base, c, 19) + TABLE4(other, d, 19);        \
+        (s)[3] += TABLE4(base, c, 15) + TABLE4(other, d, 15);        \
+    } while (0)
+
+/* sums += two inputs' look-ups, 8 outputs per word of 4-bit codes (weights w and v, tables base and other): 110
+ * instructions a word of each, where one input at a time took 128. Half a word a pass: half the flash of a
  * full unroll for 8 % more time. A lone input goes with a table of zeros, whose look-ups add nothing. */
 static NOINLINE void add_rows4(int32_t *s, const uint32_t *w, const char *base, const uint32_t *v,
                                const char *other, uint32_t words)
 {
     for (const uint32_t *end = w + words; w != end;) {
         uint32_t c = *w++, d = *v++;
-        for (uint32_t half = 0; half < 2u; half++, c <<= 16, d <<= 16, s += 4) {   /* half the code of 8 */
-            s[0] += TABLE4(base, c, 27) + TABLE4(other, d, 27);
-            s[1] += TABLE4(base, c, 23) + TABLE4(other, d, 23);
-            s[2] += TABLE4(base, c, 19) + TABLE4(other, d, 19);
-            s[3] += TABLE4(base, c, 15) + TABLE4(other, d, 15);
-        }
+        for (uint32_t half = 0; half < 2u; half++, c <<= 16, d <<= 16, s += 4)
+            ADD_HALF_WORD4(s, base, c, other, d);
+    }
+}
+
+typedef void (*add_rows_pass)(int32_t *, const uint32_t *, const char *, const uint32_t *, const char *, uint32_t);
+
+/* add_rows4 a word a pass, for the window stems (their first layer runs on every window, most of a windowed
+ * model's time; flash they have to spare, where the CH32V003 CNN has none). */
+static NOINLINE void add_rows4_unrolled(int32_t *s, const uint32_t *w, const char *base, const uint32_t *v,
+                                        const char *other, uint32_t words)
+{
+    for (const uint32_t *end = w + words; w != end; s += 8) {
+        uint32_t c = *w++, d = *v++;
+        ADD_HALF_WORD4(s, base, c, other, d);
+        ADD_HALF_WORD4(s + 4, base, c << 16, other, d << 16);
     }
 }
 
@@ -249,10 +268,10 @@ SPECIALIZE uint32_t build_group_table(const int8_t *in, uint32_t left, int32_t z
  * the end.
  * Hidden layers pass zero = 0 (ReLU zeros are skipped for free); the first layer passes the image's
  * background value, so only the pixels of the digit cost anything. The inputs are `rows` rows of `cols`,
- * `stride` apart (a window of the image; one row for a plain layer). */
+ * `stride` apart (a window of the image; one row for a plain layer). add_rows: the pass of two inputs. */
 SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint32_t stride, const uint32_t *w,
                            int32_t *sums, uint32_t n_out, int32_t zero, const int16_t *rowsums,
-                           const int32_t *background, enum qtype t)
+                           const int32_t *background, add_rows_pass add_rows, enum qtype t)
 {
     uint32_t group = code_bits(t) < 4u ? 4u / code_bits(t) : 1u;
     uint32_t per_word = group > 1u ? 8u : 32u / code_bits(t);   /* codes a look-up reads in a word */
@@ -285,12 +304,12 @@ SPECIALIZE void fc_columns(const int8_t *in, uint32_t cols, uint32_t rows, uint3
             waiting = w;
             continue;
         }
-        add_rows4(sums, waiting, (const char *)tables, w, (const char *)(tables + 16), words);
+        add_rows(sums, waiting, (const char *)tables, w, (const char *)(tables + 16), words);
         waiting = NULL;
     }
     if (waiting) {   /* a lone input: the second table zeroed */
         for (uint32_t k = 16; k < 32u; k++) tables[k] = 0;
-        add_rows4(sums, waiting, (const char *)tables, waiting, (const char *)(tables + 16), words);
+        add_rows(sums, waiting, (const char *)tables, waiting, (const char *)(tables + 16), words);
     }
     if (background)
         for (uint32_t o = 0; o < n_out; o++) sums[o] += background[o];
@@ -306,11 +325,12 @@ void BitNetMCU_background_sums(int32_t zero, const int16_t *rowsums, int32_t *ba
 #define BITNETMCU_DEFINE_FC(name, id, bits)                                                  \
     BITNETMCU_FC_COLUMNS_KERNEL(BitNetMCU_fc_##name)                                              \
     {                                                                                             \
-        fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, NULL, id);           \
+        fc_columns(input, n_in, 1u, 0u, weights, sums, n_out, zero, rowsums, NULL, add_rows4, id);\
     }                                                                                             \
     BITNETMCU_FC_WINDOW_KERNEL(BitNetMCU_fc_window_##name)                                        \
     {                                                                                             \
-        fc_columns(input, cols, rows, stride, weights, sums, n_out, zero, NULL, background, id);  \
+        fc_columns(input, cols, rows, stride, weights, sums, n_out, zero, NULL, background,       \
+                   add_rows4_unrolled, id);                                                       \
     }                                                                                             \
     BITNETMCU_FC_KERNEL(BitNetMCU_fc_rows_##name) { fc_rows(input, n_in, weights, sums, n_out, id); }
 BITNETMCU_FC_TYPES(BITNETMCU_DEFINE_FC)
