@@ -61,13 +61,15 @@ SEEDS = ROOT / 'modeldata' / 'seeds'   # <name>_s<seed>.pth: every seed of a zoo
 BEST = {'best_ch32v003': ('CH32V003', 99.50), 'best_ch32v002': ('CH32V002', 99.60)}
 
 
-def best_model(name):
-    """The zoo config a best_<chip> link names, checked against its header link."""
-    config, header = CONFIGS / f'{name}.yaml', MODELS / f'{name}.h'
-    chosen = config.resolve().stem
-    if not config.is_symlink() or header.resolve() != MODELS / f'{chosen}.h':
+def best_model(name, configs=CONFIGS, models=MODELS):
+    """The zoo config a best_<chip> link names, checked against its header link: both link to one zoo model's
+    files, which are no links themselves."""
+    config, header = configs / f'{name}.yaml', models / f'{name}.h'
+    chosen = config.resolve()
+    if not (config.is_symlink() and header.is_symlink() and chosen.parent == configs.resolve()
+            and not chosen.is_symlink() and header.resolve() == models.resolve() / f'{chosen.stem}.h'):
         sys.exit(f"error: {config} and {header} must link to one zoo model (configs/<zoo>.yaml, mcu/models/<zoo>.h)")
-    return chosen
+    return chosen.stem
 
 
 def measure(name, data, work):

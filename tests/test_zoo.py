@@ -1,5 +1,6 @@
 """The model zoo: every config in configs/ has its committed checkpoint, the committed header in
 mcu/models/ is exactly what the checkpoint exports to, and C matches Python on all 10,000 images."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,32 @@ def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
     assert images_apart(result['float_acc'], metrics['test_acc'], result['n']) <= FLOAT_TOLERANCE_IMAGES
 
 
+
+def make_results():
+    sys.path.insert(0, str(ROOT / 'docs'))
+    import make_results
+    return make_results
+
+
 @pytest.mark.parametrize('link', ['best_ch32v003', 'best_ch32v002'])
 def test_best_model_links_name_one_zoo_model(link):
     """configs/best_<chip>.yaml and mcu/models/best_<chip>.h link to the same zoo model (what the README and
-    docs/results.md call the best for that chip), which is itself in the zoo and not another link."""
-    config, header = ROOT / 'configs' / f'{link}.yaml', ROOT / 'mcu' / 'models' / f'{link}.h'
-    assert config.is_symlink() and header.is_symlink()
-    chosen = config.resolve()
-    assert chosen.parent == ROOT / 'configs' and not chosen.stem.startswith('best_')
-    assert header.resolve() == ROOT / 'mcu' / 'models' / f'{chosen.stem}.h'
+    docs/results.md call the best for that chip), one make_results measures."""
+    m = make_results()
+    assert link in m.BEST and m.best_model(link) in m.ORIGINAL
+
+
+def test_a_best_link_to_two_models_is_refused(tmp_path):
+    configs, models = tmp_path / 'configs', tmp_path / 'models'
+    configs.mkdir()
+    models.mkdir()
+    for name in ('a', 'b'):
+        (configs / f'{name}.yaml').write_text('model: FCMNIST\n')
+        (models / f'{name}.h').write_text('')
+    (configs / 'best_x.yaml').symlink_to('a.yaml')
+    (models / 'best_x.h').symlink_to('a.h')
+    assert make_results().best_model('best_x', configs, models) == 'a'
+    (models / 'best_x.h').unlink()
+    (models / 'best_x.h').symlink_to('b.h')
+    with pytest.raises(SystemExit, match='must link to one zoo model'):
+        make_results().best_model('best_x', configs, models)
