@@ -7,7 +7,7 @@ import pytest
 
 import pipeline
 from checkpoint import load_checkpoint
-from config import load_config, run_name
+from config import RUN_INDEPENDENT, load_config, run_name
 from conftest import FLOAT_TOLERANCE_IMAGES, ROOT, images_apart
 from intmodel import to_int_model
 from modelheader import header_layout, header_text
@@ -66,3 +66,19 @@ def test_a_best_link_to_two_models_is_refused(tmp_path):
     (models / 'best_x.h').symlink_to('b.h')
     with pytest.raises(SystemExit, match='must link to one zoo model'):
         make_results().best_model('best_x', configs, models)
+
+
+SEEDS = sorted((ROOT / 'modeldata' / 'seeds').glob('*.pth'))
+
+
+@pytest.mark.parametrize('seed', SEEDS, ids=lambda p: p.stem)
+def test_each_zoo_seed_is_its_config_with_another_seed(seed):
+    """docs/make_results.py reports a zoo config's mean over modeldata/seeds/<config>_s<N>.pth: each must be that
+    config trained with seed N (any runtag), or the mean is of another model."""
+    name, n = seed.stem.rsplit('_s', 1)
+    config = ROOT / 'configs' / f'{name}.yaml'
+    assert config.exists() and not config.is_symlink(), f"{seed.name} names no zoo config ({config.name})"
+    _, trained, _ = load_checkpoint(seed)
+    expected = load_config(config, {'seed': int(n)})
+    differ = sorted(k for k in expected if k not in ('runtag', *RUN_INDEPENDENT) and trained.get(k) != expected[k])
+    assert not differ, f"{seed.name} was trained with other {differ} than {config.name}"
