@@ -38,7 +38,7 @@ ORIGINAL = {
     'fc_fp130_64x3': ('FC FP130 64/64/64, shifts only', 98.86, 12.3, '>= 99.0 %'),
     'fc_2bitsym_16x2': ('FC 2bitsym 16/16, tiny', 94.22, 1.1, '>= 95.0 % at <= 1.1 KB'),
     'fc_ternary_128x128x64': ('FC Ternary 128/128/64, multiplier-free', None, None, '>= 99.0 % at <= 12.3 KB'),
-    'fc_nf4_64x3': ('FC NF4 64/64/64, Muon (needs multiply on the CH32V003)', 99.07, round(12608 / 1024, 2),
+    'fc_nf4_64x3': ('FC NF4 64/64/64, Muon, multiplier-free', 99.07, round(12608 / 1024, 2),
                     '>= 99.15 % at <= 12,608 B'),
     'cnn64_2bit_96x64': ('CNN 64 wide, 2-bit fc1 (needs multiply)', 99.55, 11.0, '>= 99.55 % at <= 11.0 KB'),
     'cnn16_small': ('CNN 16 wide, small', 98.92, 3.2, '>= 99.0 % at <= 3.2 KB'),
