@@ -97,6 +97,12 @@ def measure(name, data, work):
     return row
 
 
+def seed_file_names(path):
+    """(zoo config, seed) a file in SEEDS stands for: <config>_s<seed>.pth."""
+    name, seed = path.stem.rsplit('_s', 1)
+    return name, int(seed)
+
+
 def seed_accuracies(name, data, work):
     """The integer accuracy (C engine, every test image, 0 mismatches) of each seed of a zoo config in SEEDS."""
     out = {}
@@ -108,7 +114,7 @@ def seed_accuracies(name, data, work):
         r = pipeline.verify(model, int_model, header, data, log=lambda *a: None)
         if r['mismatches']:
             raise SystemExit(f"{path}: C and Python disagree on {r['mismatches']} images")
-        out[path.stem.rsplit('_s', 1)[1]] = r['c_acc']
+        out[str(seed_file_names(path)[1])] = r['c_acc']
     return out
 
 

@@ -37,7 +37,6 @@ def test_zoo_model_header_is_current_and_c_matches_python(mnist, config):
     assert images_apart(result['float_acc'], metrics['test_acc'], result['n']) <= FLOAT_TOLERANCE_IMAGES
 
 
-
 def make_results():
     sys.path.insert(0, str(ROOT / 'docs'))
     import make_results
@@ -68,17 +67,14 @@ def test_a_best_link_to_two_models_is_refused(tmp_path):
         make_results().best_model('best_x', configs, models)
 
 
-SEEDS = sorted((ROOT / 'modeldata' / 'seeds').glob('*.pth'))
-
-
-@pytest.mark.parametrize('seed', SEEDS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('seed', sorted(make_results().SEEDS.glob('*.pth')), ids=lambda p: p.stem)
 def test_each_zoo_seed_is_its_config_with_another_seed(seed):
     """docs/make_results.py reports a zoo config's mean over modeldata/seeds/<config>_s<N>.pth: each must be that
     config trained with seed N (any runtag), or the mean is of another model."""
-    name, n = seed.stem.rsplit('_s', 1)
+    name, n = make_results().seed_file_names(seed)
     config = ROOT / 'configs' / f'{name}.yaml'
     assert config.exists() and not config.is_symlink(), f"{seed.name} names no zoo config ({config.name})"
     _, trained, _ = load_checkpoint(seed)
-    expected = load_config(config, {'seed': int(n)})
+    expected = load_config(config, {'seed': n})
     differ = sorted(k for k in expected if k not in ('runtag', *RUN_INDEPENDENT) and trained.get(k) != expected[k])
     assert not differ, f"{seed.name} was trained with other {differ} than {config.name}"
