@@ -10,8 +10,16 @@ The flashable image of every model is built for both chips with the ch32fun SDK 
 CH32FUN=<clone>/ch32fun) and checked on the emulated chip. Plots: accuracy against weight bytes
 (docs/accuracy_vs_size.png), against instructions per inference on each model's target chip
 (docs/accuracy_vs_instructions.png), and the training curves of each zoo model (docs/training_curves.png).
+
+Each model's measurements are kept in build/make_results/, keyed by everything they depend on (its checkpoint
+and seeds, the engine, firmware and Python sources, the ch32fun SDK, the compiler, QEMU and torch): a zoo
+update re-measures the models that changed, minutes instead of the half hour of all of them. --fresh
+measures every model again.
 """
 import argparse
+import hashlib
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +66,7 @@ TARGET = {name: 'CH32V002' if name in ('cnn64_2bit_96x64', 'cnn16_small') else '
 ORIGINAL_2026 = {'window9_4bitsym': (99.25, 0.04, 8256), 'window25_4bitsym': (99.37, 0.03, 9920),
                  'fc_nf4_64x3': (99.07, 0.04, 12608)}
 SEEDS = ROOT / 'modeldata' / 'seeds'   # <name>_s<seed>.pth: every seed of a zoo config (the zoo keeps one)
+CACHE = ROOT / 'build' / 'make_results'   # <name>.json: a row and the key it was measured under
 # The best model for each chip: configs/<name>.yaml and mcu/models/<name>.h are links to the zoo model chosen on
 # validation (docs/guide.md, "The best model for each chip"); its chip and the accuracy it should reach.
 BEST = {'best_ch32v003': ('CH32V003', 99.50), 'best_ch32v002': ('CH32V002', 99.60)}
@@ -74,11 +83,49 @@ def best_model(name, configs=CONFIGS, models=MODELS):
     return chosen.stem
 
 
-def measure(name, data, work):
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tool_version(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return 'missing'
+
+
+def measurement_key(checkpoint, seeds):
+    """A digest of everything a row is measured from: the checkpoint and its seeds, every source of the engine,
+    the firmware and the Python pipeline, the ch32fun SDK's top folder, and the tools' versions."""
+    import torch
+    generated = {'BitNetMCU_model.h', 'BitNetMCU_MNIST_test_data.h'}
+    sources = [p for pattern in ('*.py', '*.c', '*.h', '*.S', 'Makefile') for p in ROOT.glob(pattern)
+               if p.name not in generated] + [p for p in (ROOT / 'mcu').iterdir() if p.is_file()]
+    sdk = [p for p in ch32fun_path().iterdir() if p.is_file()]
+    parts = [f'{p.name} {file_digest(p)}' for p in sorted([checkpoint, *seeds, *sources, *sdk])]
+    parts += [tool_version(chips.CROSS + 'gcc', '--version'), tool_version('qemu-system-riscv32', '--version'),
+              torch.__version__]
+    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+
+
+def measure(name, data, work, fresh=False):
+    """A zoo model's row: from the cache when nothing it depends on changed (and its header is the one written
+    then), else measured and cached."""
     cfg = load_config(CONFIGS / f'{name}.yaml')
     checkpoint = ROOT / 'modeldata' / f'{run_name(cfg)}.pth'
     if not checkpoint.exists():
         return None
+    key, header, cached = measurement_key(checkpoint, seed_files(name)), MODELS / f'{name}.h', CACHE / f'{name}.json'
+    if not fresh and cached.exists() and header.exists():
+        entry = json.loads(cached.read_text())
+        if entry['key'] == key and entry['header'] == file_digest(header):
+            return entry['row']
+    row = measure_row(name, cfg, checkpoint, data, work)
+    atomic_write(cached, json.dumps({'key': key, 'header': file_digest(header), 'row': row}))
+    return row
+
+
+def measure_row(name, cfg, checkpoint, data, work):
     # an hour a run: the 64-wide int32 CNN takes 17.5 M instructions an image in software multiplies on the
     # CH32V003, over ten minutes for the test set on a busy machine
     m = pipeline.measure_model(checkpoint, work / name, data, header=MODELS / f'{name}.h', timeout=3600)
@@ -103,10 +150,14 @@ def seed_file_names(path):
     return name, int(seed)
 
 
+def seed_files(name):
+    return sorted(SEEDS.glob(f'{name}_s*.pth'))
+
+
 def seed_accuracies(name, data, work):
     """The integer accuracy (C engine, every test image, 0 mismatches) of each seed of a zoo config in SEEDS."""
     out = {}
-    for path in sorted(SEEDS.glob(f'{name}_s*.pth')):
+    for path in seed_files(name):
         model, _, _ = load_checkpoint(path)
         int_model = to_int_model(model)
         header = work / f'{path.stem}.h'
@@ -306,12 +357,14 @@ def markdown(rows):
 
 
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--fresh', action='store_true', help='measure every model again, ignoring build/make_results/')
+    args = parser.parse_args(argv)
     data = load_dataset('MNIST', log=lambda *a: None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ORIGINAL:
-            row = measure(name, data, Path(tmp))
+            row = measure(name, data, Path(tmp), args.fresh)
             if row is None:
                 print(f"{name}: no checkpoint yet (python training.py --params configs/{name}.yaml)")
                 continue

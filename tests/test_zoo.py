@@ -78,3 +78,41 @@ def test_each_zoo_seed_is_its_config_with_another_seed(seed):
     expected = load_config(config, {'seed': n})
     differ = sorted(k for k in expected if k not in ('runtag', *RUN_INDEPENDENT) and trained.get(k) != expected[k])
     assert not differ, f"{seed.name} was trained with other {differ} than {config.name}"
+
+
+def test_make_results_measures_again_only_when_a_model_or_its_header_changed(tmp_path, monkeypatch):
+    """The cache in build/make_results/: a second run reuses the row, a new key (checkpoint, seeds, sources,
+    tools), an edited header or --fresh measure again."""
+    m = make_results()
+    measured = []
+    monkeypatch.setattr(m, 'CACHE', tmp_path / 'cache')
+    monkeypatch.setattr(m, 'MODELS', tmp_path / 'models')
+    (tmp_path / 'models').mkdir()
+    header = tmp_path / 'models' / 'fc_2bitsym_16x2.h'
+    header.write_text('// header\n')
+    monkeypatch.setattr(m, 'measure_row', lambda name, *a: measured.append(name) or {'name': name, 'run': len(measured)})
+    key = ['a']
+    monkeypatch.setattr(m, 'measurement_key', lambda checkpoint, seeds: key[0])
+    runs = [m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] for _ in range(2)]
+    assert runs == [1, 1]
+    key[0] = 'b'
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 2
+    header.write_text('// edited by hand\n')
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 3
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, fresh=True)['run'] == 4
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 4
+
+
+def test_make_results_key_covers_the_checkpoint_and_the_engine(tmp_path, monkeypatch):
+    m = make_results()
+    a, b = tmp_path / 'a.pth', tmp_path / 'b.pth'
+    a.write_bytes(b'weights')
+    b.write_bytes(b'weightz')
+    assert m.measurement_key(a, []) == m.measurement_key(a, [])
+    assert m.measurement_key(a, []) != m.measurement_key(b, [])
+    assert m.measurement_key(a, []) != m.measurement_key(a, [b])
+    engine = ROOT / 'BitNetMCU_inference.c'
+    before = m.measurement_key(a, [])
+    real = m.file_digest
+    monkeypatch.setattr(m, 'file_digest', lambda p: 'edited' if Path(p) == engine else real(p))
+    assert m.measurement_key(a, []) != before
