@@ -30,7 +30,7 @@ import chips  # noqa: E402
 import pipeline  # noqa: E402
 from chips import CHIPS  # noqa: E402
 from config import load_config, run_name  # noqa: E402
-from dataset import load_dataset  # noqa: E402
+from dataset import load_dataset, sha256  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from intmodel import pack_model, to_int_model  # noqa: E402
@@ -84,7 +84,7 @@ def best_model(name, configs=CONFIGS, models=MODELS):
 
 
 def file_digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256(Path(path).read_bytes())
 
 
 def tool_version(*cmd):
@@ -94,32 +94,41 @@ def tool_version(*cmd):
         return 'missing'
 
 
-def measurement_key(checkpoint, seeds):
-    """A digest of everything a row is measured from: the checkpoint and its seeds, every source of the engine,
-    the firmware and the Python pipeline, the ch32fun SDK's top folder, and the tools' versions."""
+def environment_digest():
+    """A digest of what every row is measured with: the sources of the engine, the firmware, the Python pipeline
+    and this script, the ch32fun SDK's top folder, and the tools' versions (computed once a run)."""
     import torch
     generated = {'BitNetMCU_model.h', 'BitNetMCU_MNIST_test_data.h'}
     sources = [p for pattern in ('*.py', '*.c', '*.h', '*.S', 'Makefile') for p in ROOT.glob(pattern)
-               if p.name not in generated] + [p for p in (ROOT / 'mcu').iterdir() if p.is_file()]
+               if p.name not in generated] + [p for p in (ROOT / 'mcu').iterdir() if p.is_file()] + [Path(__file__)]
     sdk = [p for p in ch32fun_path().iterdir() if p.is_file()]
-    parts = [f'{p.name} {file_digest(p)}' for p in sorted([checkpoint, *seeds, *sources, *sdk])]
+    parts = [f'{p.name} {file_digest(p)}' for p in sorted([*sources, *sdk])]
     parts += [tool_version(chips.CROSS + 'gcc', '--version'), tool_version('qemu-system-riscv32', '--version'),
               torch.__version__]
-    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+    return sha256('\n'.join(parts).encode())
 
 
-def measure(name, data, work, fresh=False):
+def measurement_key(checkpoint, seeds, environment):
+    """A digest of everything a row is measured from: the checkpoint, its seeds and the environment's digest."""
+    return sha256('\n'.join([environment, *(file_digest(p) for p in [checkpoint, *seeds])]).encode())
+
+
+def measure(name, data, work, environment, fresh=False):
     """A zoo model's row: from the cache when nothing it depends on changed (and its header is the one written
-    then), else measured and cached."""
+    then), else measured and cached. A cache file that cannot be read is measured again, never trusted."""
     cfg = load_config(CONFIGS / f'{name}.yaml')
     checkpoint = ROOT / 'modeldata' / f'{run_name(cfg)}.pth'
     if not checkpoint.exists():
         return None
-    key, header, cached = measurement_key(checkpoint, seed_files(name)), MODELS / f'{name}.h', CACHE / f'{name}.json'
+    key = measurement_key(checkpoint, seed_files(name), environment)
+    header, cached = MODELS / f'{name}.h', CACHE / f'{name}.json'
     if not fresh and cached.exists() and header.exists():
-        entry = json.loads(cached.read_text())
-        if entry['key'] == key and entry['header'] == file_digest(header):
-            return entry['row']
+        try:
+            entry = json.loads(cached.read_text())
+            if entry['key'] == key and entry['header'] == file_digest(header):
+                return entry['row']
+        except (ValueError, KeyError, TypeError):
+            pass
     row = measure_row(name, cfg, checkpoint, data, work)
     atomic_write(cached, json.dumps({'key': key, 'header': file_digest(header), 'row': row}))
     return row
@@ -361,10 +370,10 @@ def main(argv=None):
     parser.add_argument('--fresh', action='store_true', help='measure every model again, ignoring build/make_results/')
     args = parser.parse_args(argv)
     data = load_dataset('MNIST', log=lambda *a: None)
-    rows = []
+    rows, environment = [], environment_digest()
     with tempfile.TemporaryDirectory() as tmp:
         for name in ORIGINAL:
-            row = measure(name, data, Path(tmp), args.fresh)
+            row = measure(name, data, Path(tmp), environment, args.fresh)
             if row is None:
                 print(f"{name}: no checkpoint yet (python training.py --params configs/{name}.yaml)")
                 continue

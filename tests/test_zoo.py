@@ -82,7 +82,7 @@ def test_each_zoo_seed_is_its_config_with_another_seed(seed):
 
 def test_make_results_measures_again_only_when_a_model_or_its_header_changed(tmp_path, monkeypatch):
     """The cache in build/make_results/: a second run reuses the row, a new key (checkpoint, seeds, sources,
-    tools), an edited header or --fresh measure again."""
+    tools), an edited header, a damaged cache file or --fresh measure again."""
     m = make_results()
     measured = []
     monkeypatch.setattr(m, 'CACHE', tmp_path / 'cache')
@@ -92,15 +92,18 @@ def test_make_results_measures_again_only_when_a_model_or_its_header_changed(tmp
     header.write_text('// header\n')
     monkeypatch.setattr(m, 'measure_row', lambda name, *a: measured.append(name) or {'name': name, 'run': len(measured)})
     key = ['a']
-    monkeypatch.setattr(m, 'measurement_key', lambda checkpoint, seeds: key[0])
-    runs = [m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] for _ in range(2)]
+    monkeypatch.setattr(m, 'measurement_key', lambda checkpoint, seeds, environment: key[0])
+    runs = [m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] for _ in range(2)]
     assert runs == [1, 1]
     key[0] = 'b'
-    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 2
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] == 2
     header.write_text('// edited by hand\n')
-    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 3
-    assert m.measure('fc_2bitsym_16x2', None, tmp_path, fresh=True)['run'] == 4
-    assert m.measure('fc_2bitsym_16x2', None, tmp_path)['run'] == 4
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] == 3
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env', fresh=True)['run'] == 4
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] == 4
+    (tmp_path / 'cache' / 'fc_2bitsym_16x2.json').write_text('{"key": "b", "head')
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] == 5
+    assert m.measure('fc_2bitsym_16x2', None, tmp_path, 'env')['run'] == 5
 
 
 def test_make_results_key_covers_the_checkpoint_and_the_engine(tmp_path, monkeypatch):
@@ -108,11 +111,13 @@ def test_make_results_key_covers_the_checkpoint_and_the_engine(tmp_path, monkeyp
     a, b = tmp_path / 'a.pth', tmp_path / 'b.pth'
     a.write_bytes(b'weights')
     b.write_bytes(b'weightz')
-    assert m.measurement_key(a, []) == m.measurement_key(a, [])
-    assert m.measurement_key(a, []) != m.measurement_key(b, [])
-    assert m.measurement_key(a, []) != m.measurement_key(a, [b])
-    engine = ROOT / 'BitNetMCU_inference.c'
-    before = m.measurement_key(a, [])
+    environment = m.environment_digest()
+    assert m.measurement_key(a, [], environment) == m.measurement_key(a, [], environment)
+    assert m.measurement_key(a, [], environment) != m.measurement_key(b, [], environment)
+    assert m.measurement_key(a, [], environment) != m.measurement_key(a, [b], environment)
     real = m.file_digest
-    monkeypatch.setattr(m, 'file_digest', lambda p: 'edited' if Path(p) == engine else real(p))
-    assert m.measurement_key(a, []) != before
+    for source in (ROOT / 'BitNetMCU_inference.c', ROOT / 'docs' / 'make_results.py'):
+        monkeypatch.setattr(m, 'file_digest', lambda p, source=source: 'edited' if Path(p) == source else real(p))
+        edited = m.environment_digest()
+        assert edited != environment
+        assert m.measurement_key(a, [], edited) != m.measurement_key(a, [], environment)
