@@ -529,7 +529,7 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
     from optuna.trial import TrialState
     study = open_study(sweep, storage_url, study_name, worker)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    from training import Diverged
+    from training import Diverged, raise_if_stopped
 
     def objective(trial):
         try:
@@ -548,6 +548,7 @@ def work(sweep, storage_url, study_name, worker, data, log=print):
             note += f": {frozen.user_attrs['error']}"
         log(f"trial {frozen.number} {frozen.params}: {note}\n  {progress_line(study, worker)}")
     while True:
+        raise_if_stopped()
         fail_stale_trials(study)   # a killed worker's trial: failed, and its parameters queued again
         taken = len(study.get_trials(deepcopy=False, states=finished + (TrialState.RUNNING,)))
         if taken >= sweep['trials']:
@@ -705,6 +706,7 @@ def load_data(sweep):
 
 def spawn_workers(args, sweep, n):
     """n worker processes of this command on this machine, sharing the cores; their exit statuses."""
+    from training import raise_if_stopped
     threads = str(max(1, (os.cpu_count() or 1) // n))
     procs = []
     for worker in range(1, n + 1):
@@ -713,7 +715,10 @@ def spawn_workers(args, sweep, n):
         cmd += ['--storage', args.storage] if args.storage else []
         procs.append(subprocess.Popen(cmd, env={**os.environ, 'OMP_NUM_THREADS': threads}))
     try:
-        return [p.wait() for p in procs]
+        while any(p.poll() is None for p in procs):
+            raise_if_stopped()
+            time.sleep(0.2)
+        return [p.returncode for p in procs]
     except KeyboardInterrupt:   # Ctrl-C reaches the workers too; SIGTERM (kill) only this process: pass it on
         for p in procs:
             if p.poll() is None:
@@ -723,12 +728,9 @@ def spawn_workers(args, sweep, n):
         raise
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
-    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops a sweep as Ctrl-C does: its trial is queued again
+    from training import stop_on_signals
+    stop_on_signals()   # `kill` stops a sweep as Ctrl-C does: its trial is queued again
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='sweep file keys:\n' + '\n'.join(f"  {k:18s} {v[1]}" for k, v in
                                                                             SWEEP_KEYS.items()))

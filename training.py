@@ -14,6 +14,7 @@ import io
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,36 @@ try:
     import fcntl
 except ImportError:  # not on Windows: no lock against two trainings of one run
     fcntl = None
+
+
+# Ctrl-C and `kill`: Python raises KeyboardInterrupt wherever the signal lands. Inside one of the weakref callbacks
+# torch runs, the exception is printed as "Exception ignored" and lost, and the run went on. So the signal is also
+# recorded, the lost exception is not printed, and the training loop raises it again at its next batch.
+_stop_signal = None
+
+
+def _stop(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+    raise KeyboardInterrupt
+
+
+def _unraisable(event):
+    if not (_stop_signal and isinstance(event.exc_value, KeyboardInterrupt)):
+        sys.__unraisablehook__(event)
+
+
+def stop_on_signals():
+    """Ctrl-C and SIGTERM stop this process with KeyboardInterrupt, never lost (a command's main calls it)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # a background job keeps ignoring Ctrl-C
+        signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    sys.unraisablehook = _unraisable
+
+
+def raise_if_stopped():
+    if _stop_signal:
+        raise KeyboardInterrupt
 
 
 class Diverged(RuntimeError):
@@ -270,6 +301,7 @@ def train_epoch(model, optimizer, x, y, cfg, device, teacher=None, average=None,
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     damped = [layer for _, layer in quant_layers(model)] if dampening else []
     for i in batches:
+        raise_if_stopped()
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out = model(xb)
         with torch.no_grad():
@@ -575,6 +607,7 @@ def train_epochs(run, data, validation, log, on_epoch_end):
 
 
 def main(argv=None):
+    stop_on_signals()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='config keys (key, default, meaning):\n' + describe_config())
     parser.add_argument('--params', default=None, help='YAML config (default: trainingparameters.yaml)')

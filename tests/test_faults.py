@@ -321,6 +321,27 @@ def test_ctrl_c_prints_one_friendly_message_and_no_traceback(tmp_path):
     assert proc.returncode == 130 and 'Traceback' not in err and err.strip().startswith('Interrupted'), err[-2000:]
 
 
+LOST_INTERRUPT = """
+import signal, sys, weakref, torch, training
+training.stop_on_signals()
+class Held: pass
+held = Held()
+ref = weakref.ref(held, lambda _: training._stop(signal.SIGINT, None))   # the signal lands in a weakref callback
+del held
+ref2 = weakref.ref(Held(), lambda _: 1 / 0)   # any other error there is still printed
+try:
+    training.train_epoch(torch.nn.Linear(256, 10), None, torch.zeros(4, 256), torch.zeros(4), {'batch_size': 2}, 'cpu')
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_an_interrupt_python_loses_in_a_callback_still_stops_training_at_the_next_batch():
+    proc = subprocess.run([PY, '-c', LOST_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert 'KeyboardInterrupt' not in proc.stderr and 'ZeroDivisionError' in proc.stderr, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Sizes and runs of no images
 # ------------------------------------------------------------------------------------------------
