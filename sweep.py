@@ -729,8 +729,6 @@ def spawn_workers(args, sweep, n):
 
 
 def main(argv=None):
-    from training import stop_on_signals
-    stop_on_signals()   # `kill` stops a sweep as Ctrl-C does: its trial is queued again
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='sweep file keys:\n' + '\n'.join(f"  {k:18s} {v[1]}" for k, v in
                                                                             SWEEP_KEYS.items()))
@@ -778,4 +776,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from training import stop_on_signals
+    stop_on_signals()   # `kill` stops a sweep as Ctrl-C does: its trial is queued again
     sys.exit(main())

@@ -63,7 +63,8 @@ def _unraisable(event):
 
 
 def stop_on_signals():
-    """Ctrl-C and SIGTERM stop this process with KeyboardInterrupt, never lost (a command's main calls it)."""
+    """Ctrl-C and SIGTERM stop this process with KeyboardInterrupt, never lost. The command line calls it, not
+    main(): tests call main() in-process."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # a background job keeps ignoring Ctrl-C
         signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
@@ -607,7 +608,6 @@ def train_epochs(run, data, validation, log, on_epoch_end):
 
 
 def main(argv=None):
-    stop_on_signals()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog='config keys (key, default, meaning):\n' + describe_config())
     parser.add_argument('--params', default=None, help='YAML config (default: trainingparameters.yaml)')
@@ -644,4 +644,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    stop_on_signals()
     sys.exit(main())

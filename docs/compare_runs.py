@@ -8,7 +8,8 @@ Each run is a folder written by training.py (runs/<name>/metrics.csv) of a confi
 validation epoch, the earliest of equals) and the mean over the last `--last` epochs. The test accuracy of
 that kept epoch is printed beside it to report, never to choose. `--group REGEX` adds a table of variants: the
 runs whose names REGEX matches, grouped by its first group (or the whole match), with the mean and range of
-their kept epochs' validation accuracy.
+their kept epochs' validation accuracy, and `--plot` then draws each variant's mean curve over its runs with
+the band from the lowest to the highest of them.
 """
 import argparse
 import csv
@@ -61,17 +62,26 @@ def table(rows, last):
     return '\n'.join(lines)
 
 
-def group_table(rows, pattern, last):
-    """Runs grouped by what `pattern` matches in their names (its first group, or the whole match): per group
-    the number of runs, the mean and range of their kept epochs' validation accuracy, the mean of their last
-    `last` epochs, and the range of test accuracy at the kept epochs. Ranked by the mean kept validation."""
+def group_names(names, pattern):
+    """{variant: its run names}: runs grouped by what `pattern` matches in their names (its first group, or the
+    whole match); a run it does not match is left out."""
     groups = {}
-    for r in rows:
-        match = pattern.search(r['run'])
+    for name in names:
+        match = pattern.search(name)
         if match:
-            groups.setdefault(match.group(1) if pattern.groups else match.group(0), []).append(r)
+            groups.setdefault(match.group(1) if pattern.groups else match.group(0), []).append(name)
     if not groups:
         raise RunError(f"--group {pattern.pattern!r} matches none of the run names")
+    return groups
+
+
+def group_table(rows, pattern, last):
+    """Per variant (group_names): the number of runs, the mean and range of their kept epochs' validation
+    accuracy, the mean of their last `last` epochs, and the range of test accuracy at the kept epochs. Ranked by
+    the mean kept validation."""
+    by_name = {r['run']: r for r in rows}
+    groups = {variant: [by_name[name] for name in names]
+              for variant, names in group_names(list(by_name), pattern).items()}
 
     def mean(values):
         return 100 * sum(values) / len(values)
@@ -90,17 +100,38 @@ def group_table(rows, pattern, last):
     return '\n'.join(lines)
 
 
-def plot(histories, path):
+def group_curves(histories, pattern):
+    """{variant: (epochs, mean, lowest, highest)}: the validation accuracy (%) of a variant's runs epoch by epoch,
+    over the epochs all of them reached."""
+    curves = {}
+    for variant, names in group_names(list(histories), pattern).items():
+        epochs = min(len(histories[name]) for name in names)
+        per_epoch = list(zip(*[[100 * m['val_acc'] for m in histories[name][:epochs]] for name in names]))
+        curves[f"{variant} ({len(names)} run{'s' if len(names) > 1 else ''})"] = (
+            [m['epoch'] for m in histories[names[0]][:epochs]], [sum(v) / len(v) for v in per_epoch],
+            [min(v) for v in per_epoch], [max(v) for v in per_epoch])
+    return curves
+
+
+def plot(histories, path, pattern=None):
+    """Each run's validation curve, or with `pattern` each variant's mean curve and the band of its runs."""
     import io
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, history in histories.items():
-        ax.plot([m['epoch'] for m in history], [100 * m['val_acc'] for m in history], label=name, linewidth=1)
+    if pattern is None:
+        curves = {name: ([m['epoch'] for m in h], [100 * m['val_acc'] for m in h], None, None)
+                  for name, h in histories.items()}
+    else:
+        curves = group_curves(histories, pattern)
+    for name, (epochs, mean, lowest, highest) in curves.items():
+        line, = ax.plot(epochs, mean, label=name, linewidth=1)
+        if lowest is not None:   # one run: a band of no width
+            ax.fill_between(epochs, lowest, highest, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel('epoch')
-    ax.set_ylabel('validation accuracy, PyTorch model (%)')
-    low = min(100 * m['val_acc'] for h in histories.values() for m in h[len(h) // 5:])
+    ax.set_ylabel('validation accuracy, PyTorch model (%)' + (', mean of runs' if pattern else ''))
+    low = min(v for _, mean, lowest, _ in curves.values() for v in (lowest or mean)[len(mean) // 5:])
     ax.set_ylim(low - 0.05, None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -139,7 +170,7 @@ def main(argv=None):
         print()
         print(variants)
     if args.plot:
-        plot(histories, args.plot)
+        plot(histories, args.plot, pattern)
         print(f"wrote {args.plot}")
     return 0
 

@@ -2,6 +2,8 @@
 import copy
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -423,6 +425,14 @@ def test_compare_runs_groups_the_seeds_of_a_variant(tmp_path, capsys):
     assert out.split('| variant |')[1].splitlines()[2:] == [
         '| y | 1 | 99.30 % | 99.30 – 99.30 % | 99.30 % | 99.20 – 99.20 % |',
         '| x | 2 | 99.10 % | 99.00 – 99.20 % | 99.00 % | 99.30 – 99.50 % |']
+    histories = {name: compare_runs.read_history(tmp_path / name) for name in ('xs1', 'xs2', 'ys1', 'other')}
+    curves = compare_runs.group_curves(histories, re.compile('^([xy])s'))
+    assert {name: [[round(v, 6) for v in c] for c in curve] for name, curve in curves.items()} == {
+        'x (2 runs)': [[1, 2], [99.0, 99.0], [99.0, 98.8], [99.0, 99.2]],
+        'y (1 run)': [[1, 2], [99.3, 99.3], [99.3, 99.3], [99.3, 99.3]]}
+    plot = tmp_path / 'variants.png'
+    assert compare_runs.main(runs + ['--group', '^([xy])s', '--plot', str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert compare_runs.main(runs + ['--group', 'zzz']) == 2
     assert "--group 'zzz' matches none of the run names" in capsys.readouterr().err
     with pytest.raises(SystemExit):
