@@ -17,7 +17,6 @@ update re-measures the models that changed, minutes instead of the half hour of 
 measures every model again.
 """
 import argparse
-import hashlib
 import json
 import subprocess
 import sys

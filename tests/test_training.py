@@ -1,7 +1,6 @@
 """Training: models build for every type, a short real run learns, resume is exact, output is complete."""
 import copy
 import math
-
 import re
 
 import pytest
